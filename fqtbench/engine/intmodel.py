@@ -1,0 +1,266 @@
+"""IntModel: an integer-only network, a list of nodes run on a shared integer backend.
+
+Activations flow channels-last as plain (N, H, W, C) integer tensors. Every node creates integer
+tensors only: codes, int32/int64 accumulators, fixed-point requantization, integer pooling. The
+model is plain data -- integer tensors plus a JSON description -- so it saves with ``torch.save``
+and loads with ``torch.load(weights_only=True)``; nothing is unpickled.
+
+Nodes read the outputs of earlier nodes by index (``inputs``). :meth:`IntModel.forward` can start
+from cached outputs and substitute one layer's weight codes, which CC-EA uses to evaluate a whole
+population in one pass.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import cost
+from .intrange import IntRange
+from .requant import FixedPoint, requantize
+
+SPEC_VERSION = 1
+
+
+def _pair(v) -> tuple[int, int]:
+    return (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (int(v), int(v))
+
+
+@dataclass
+class Node:
+    """One integer operation. `tensors` hold its integer parameters; `attrs` plain JSON values."""
+
+    op: str
+    inputs: list[int]
+    attrs: dict[str, Any] = field(default_factory=dict)
+    tensors: dict[str, Tensor] = field(default_factory=dict)
+
+    # ---- per-op execution -------------------------------------------------------------------
+    def run(self, xs: list[Tensor], backend, weight: Tensor | None = None, prepared=None) -> Tensor:
+        return getattr(self, f"_run_{self.op}")(xs, backend, weight, prepared)
+
+    def _run_input(self, xs, backend, weight, prepared):
+        x = xs[0]  # (N, C, H, W) integer pixels
+        lut = self.tensors["lut"]  # (C, pixel_max + 1) integer codes
+        c = lut.shape[0]
+        idx = x.permute(0, 2, 3, 1).to(torch.int64).clamp(0, lut.shape[1] - 1)
+        return lut[torch.arange(c, device=x.device), idx]
+
+    def _gemm_weight(self, weight: Tensor | None) -> Tensor:
+        return self.tensors["weight"] if weight is None else weight
+
+    def _run_conv(self, xs, backend, weight, prepared):
+        a = self.attrs
+        pw = prepared if prepared is not None else backend.prepare_weight(self._gemm_weight(weight), IntRange(*a["w_range"]))
+        acc = backend.conv2d(xs[0], pw, IntRange(*a["x_range"]), stride=a["stride"], padding=a["padding"], dilation=a["dilation"])
+        return _add_bias(acc, self.tensors.get("bias"))
+
+    def _run_linear(self, xs, backend, weight, prepared):
+        a = self.attrs
+        pw = prepared if prepared is not None else backend.prepare_weight(self._gemm_weight(weight), IntRange(*a["w_range"]))
+        acc = backend.linear(xs[0], pw, IntRange(*a["x_range"]))
+        return _add_bias(acc, self.tensors.get("bias"))
+
+    def _run_requant(self, xs, backend, weight, prepared):
+        fp = FixedPoint(self.tensors["m"], self.tensors["shift"])
+        return requantize(xs[0], fp, self.attrs["lo"], self.attrs["hi"]).to(_dtype(self.attrs["lo"], self.attrs["hi"]))
+
+    def _run_add(self, xs, backend, weight, prepared):
+        """clamp(round(a*Ma + b*Mb)): both terms kept with `guard` extra bits, one final rounding."""
+        g = self.attrs["guard"]
+        fa = FixedPoint(self.tensors["m_a"], self.tensors["shift_a"])
+        fb = FixedPoint(self.tensors["m_b"], self.tensors["shift_b"])
+        t = requantize(xs[0], fa, extra_shift=g) + requantize(xs[1], fb, extra_shift=g)
+        one = FixedPoint(torch.ones((), dtype=torch.int64), torch.tensor(g, dtype=torch.int64))
+        return requantize(t, one, self.attrs["lo"], self.attrs["hi"]).to(_dtype(self.attrs["lo"], self.attrs["hi"]))
+
+    def _run_maxpool(self, xs, backend, weight, prepared):
+        a = self.attrs
+        x = xs[0].permute(0, 3, 1, 2)
+        y = F.max_pool2d(x, a["kernel"], a["stride"], a["padding"])
+        return y.permute(0, 2, 3, 1).contiguous()
+
+    def _run_avgpool(self, xs, backend, weight, prepared):
+        """Global average: integer sum over H, W, then a fixed-point divide (the multiplier holds 1/(H*W))."""
+        s = xs[0].to(torch.int64).sum(dim=(1, 2), keepdim=True)
+        fp = FixedPoint(self.tensors["m"], self.tensors["shift"])
+        return requantize(s, fp, self.attrs["lo"], self.attrs["hi"]).to(_dtype(self.attrs["lo"], self.attrs["hi"]))
+
+    def _run_shortcut_a(self, xs, backend, weight, prepared):
+        s, pad = self.attrs["stride"], self.attrs["pad"]
+        x = xs[0][:, ::s, ::s, :]
+        return F.pad(x, (pad // 2, pad - pad // 2)).contiguous()
+
+    def _run_flatten(self, xs, backend, weight, prepared):
+        return xs[0].reshape(xs[0].shape[0], -1)
+
+    # ---- cost -------------------------------------------------------------------------------
+    def macs(self, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> int:
+        if self.op == "conv":
+            n, ho, wo, cout = out_shape
+            kh, kw = self.attrs["kernel"]
+            return int(n * ho * wo * cout * self.attrs["cin"] * kh * kw)
+        if self.op == "linear":
+            return int(out_shape[0] * out_shape[1] * self.attrs["cin"])
+        return 0
+
+
+def _dtype(lo: int | None, hi: int | None) -> torch.dtype:
+    if lo is None or hi is None:
+        return torch.int64
+    if -128 <= lo and hi <= 127:
+        return torch.int8
+    if 0 <= lo and hi <= 255:
+        return torch.uint8
+    if -(2**15) <= lo and hi < 2**15:
+        return torch.int16
+    if -(2**31) <= lo and hi < 2**31:
+        return torch.int32
+    return torch.int64
+
+
+def _add_bias(acc: Tensor, bias: Tensor | None) -> Tensor:
+    if bias is None:
+        return acc
+    return acc.to(torch.int64) + bias
+
+
+class IntModel:
+    """An exported integer network (see module docstring)."""
+
+    def __init__(self, nodes: list[Node], meta: dict[str, Any]):
+        self.nodes = nodes
+        self.meta = meta  # input shape, layer table, ...
+        self._prepared: dict[tuple[str, int], Any] = {}
+
+    # ---- inference --------------------------------------------------------------------------
+    @property
+    def gemm_nodes(self) -> list[int]:
+        return [i for i, n in enumerate(self.nodes) if n.op in ("conv", "linear")]
+
+    def prepared(self, backend, i: int):
+        key = (backend.name, i)
+        if key not in self._prepared:
+            node = self.nodes[i]
+            self._prepared[key] = backend.prepare_weight(node.tensors["weight"], IntRange(*node.attrs["w_range"]))
+        return self._prepared[key]
+
+    def forward(
+        self,
+        x: Tensor,
+        backend,
+        *,
+        start: int = 0,
+        cache: list[Tensor | None] | None = None,
+        keep: set[int] | None = None,
+        cost_role: str | None = None,
+    ) -> Tensor:
+        """Integer logits (N, classes) for integer pixels `x` (N, C, H, W).
+
+        `start`/`cache`: resume at node `start` with the outputs of earlier nodes given in `cache`
+        (`x` is then ignored unless node 0 runs). `keep`: indices whose outputs are written back
+        into `cache`. `cost_role`: report GEMM MACs to the cost ledger under this role.
+        """
+        outs: list[Tensor | None] = list(cache) if cache is not None else [None] * len(self.nodes)
+        if len(outs) < len(self.nodes):
+            outs += [None] * (len(self.nodes) - len(outs))
+        for i in range(start, len(self.nodes)):
+            node = self.nodes[i]
+            xs = [x] if node.op == "input" else [outs[j] for j in node.inputs]
+            pw = self.prepared(backend, i) if node.op in ("conv", "linear") else None
+            y = node.run(xs, backend, prepared=pw)
+            if cost_role and node.op in ("conv", "linear"):
+                cost.record(cost_role, node.macs(tuple(xs[0].shape), tuple(y.shape)), node.attrs["a_bits"], node.attrs["w_bits"])
+            outs[i] = y
+            if cache is not None and keep is not None and i in keep:
+                cache[i] = y
+            # free what no later node reads
+            for j in node.inputs:
+                if j not in (keep or ()) and self._last_use[j] == i:
+                    outs[j] = None
+        return outs[-1]
+
+    @property
+    def _last_use(self) -> dict[int, int]:
+        if not hasattr(self, "_last_use_cache"):
+            last: dict[int, int] = {}
+            for i, n in enumerate(self.nodes):
+                for j in n.inputs:
+                    last[j] = i
+            self._last_use_cache = last
+        return self._last_use_cache
+
+    def predict(self, x: Tensor, backend) -> Tensor:
+        return self.forward(x, backend).argmax(dim=1)
+
+    @torch.no_grad()
+    def evaluate(self, loader, backend) -> float:
+        """Top-1 in percent on integer pixels from `loader`."""
+        correct = total = 0
+        for x, y in loader:
+            correct += int((self.predict(x, backend) == y).sum())
+            total += len(y)
+        return 100.0 * correct / max(1, total)
+
+    # ---- description --------------------------------------------------------------------------
+    def layer_table(self) -> list[dict[str, Any]]:
+        return list(self.meta.get("layers", []))
+
+    def bitops_per_sample(self) -> int:
+        return int(sum(l["macs"] * l["w_bits"] * l["a_bits"] for l in self.layer_table()))
+
+    def macs_per_sample(self) -> int:
+        return int(sum(l["macs"] for l in self.layer_table()))
+
+    def size_bytes(self) -> float:
+        """Weight storage at each layer's bit-width (scales and biases not counted)."""
+        return float(sum(l["params"] * l["w_bits"] for l in self.layer_table()) / 8.0)
+
+    # ---- persistence ----------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        spec = {
+            "version": SPEC_VERSION,
+            "meta": self.meta,
+            "nodes": [{"op": n.op, "inputs": n.inputs, "attrs": n.attrs, "tensors": sorted(n.tensors)} for n in self.nodes],
+        }
+        tensors = {f"{i}.{k}": t for i, n in enumerate(self.nodes) for k, t in n.tensors.items()}
+        return {"spec": json.dumps(spec), "tensors": tensors}
+
+    def save(self, path: str | Path) -> None:
+        """Atomically: write a temporary file, then rename."""
+        path = Path(path)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        torch.save(self.state(), tmp)
+        tmp.replace(path)
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> "IntModel":
+        spec = json.loads(state["spec"])
+        if spec.get("version") != SPEC_VERSION:
+            raise ValueError(f"IntModel spec version {spec.get('version')} is not supported (expected {SPEC_VERSION})")
+        tensors = state["tensors"]
+        nodes = [
+            Node(d["op"], list(d["inputs"]), dict(d["attrs"]), {k: tensors[f"{i}.{k}"] for k in d["tensors"]})
+            for i, d in enumerate(spec["nodes"])
+        ]
+        return cls(nodes, spec["meta"])
+
+    @classmethod
+    def load(cls, path: str | Path) -> "IntModel":
+        return cls.from_state(torch.load(path, map_location="cpu", weights_only=True))
+
+    def clone(self) -> "IntModel":
+        nodes = [Node(n.op, list(n.inputs), dict(n.attrs), {k: t.clone() for k, t in n.tensors.items()}) for n in self.nodes]
+        return IntModel(nodes, json.loads(json.dumps(self.meta)))
+
+    def set_weight(self, i: int, codes: Tensor) -> None:
+        """Replace one GEMM node's weight codes (same shape and declared range)."""
+        node = self.nodes[i]
+        node.tensors["weight"] = codes
+        self._prepared = {k: v for k, v in self._prepared.items() if k[1] != i}

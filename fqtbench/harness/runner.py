@@ -1,0 +1,218 @@
+"""One run, end to end: config -> plugins -> Trainer.fit -> integer evaluation -> run record.
+
+The record is written when the run starts (status ``running``) and again when it ends, whatever
+the ending: ``ok``, ``failed: <reason>`` or ``interrupted`` (Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import secrets
+import signal
+import sys
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import pytorch_lightning as pl
+import torch
+
+from .. import registry
+from ..config import ResolvedConfig, load_resolved, save_resolved
+from ..errors import ConfigError, UserError
+from ..records import RECORD_NAME, RunRecord, environment, load_record
+from ..tracking import Tracker
+from .callbacks import CostMeter
+from .evaluation import evaluate_run
+
+CONFIG_NAME = "config.yaml"
+
+
+class RunInterrupted(Exception):
+    """Ctrl-C during a run; the record says `interrupted`."""
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def new_run_id(cfg: ResolvedConfig, bits_tag: str) -> str:
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return f"{cfg.method}-{cfg.track}-{bits_tag}-s{cfg.seed}-{stamp}-{secrets.token_hex(2)}"
+
+
+def quiet_libraries() -> None:
+    """Lightning's tips and warnings about things fqtbench decides on purpose."""
+    import logging
+
+    for name in ("pytorch_lightning", "lightning", "lightning.pytorch", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for msg in (
+        ".*does not have many workers.*",
+        ".*`training_step` returned `None`.*",
+        ".*run with no optimizer.*",
+        ".*The number of training batches.*",
+        ".*Checkpoint directory .* exists and is not empty.*",
+        ".*torch.cuda.amp.*",
+        ".*LeafSpec.*",
+        ".*isinstance.*treespec.*",
+    ):
+        warnings.filterwarnings("ignore", message=msg)
+
+
+def prepare_resume(cfg: ResolvedConfig) -> tuple[ResolvedConfig, Path]:
+    """`resume: RUN_DIR` -> the saved config of that run (the resume path kept) and its folder."""
+    run_dir = Path(cfg.resume)
+    if not (run_dir / CONFIG_NAME).is_file():
+        raise ConfigError(f"resume={cfg.resume!r}: not a run folder (no {CONFIG_NAME} inside)")
+    saved = load_resolved(run_dir / CONFIG_NAME)
+    saved.run.resume = str(run_dir)
+    return saved, run_dir
+
+
+def execute(cfg: ResolvedConfig, on_event: Callable[[str], None] | None = None) -> tuple[RunRecord, Path]:
+    """Run one configuration; return its final record and the record's path.
+
+    Raises the original exception (after writing the failed/interrupted record).
+    """
+    quiet_libraries()
+    say = on_event or (lambda msg: None)
+    if cfg.trainer.threads:
+        torch.set_num_threads(cfg.trainer.threads)
+    method = registry.methods.get(cfg.method)
+    resume_ckpt = None
+    if cfg.resume:
+        cfg, run_dir = prepare_resume(cfg)
+        old = load_record(run_dir)
+        run_id = old.run_id
+        last = run_dir / "checkpoints" / "last.ckpt"
+        resume_ckpt = str(last) if last.is_file() else None
+        if resume_ckpt is None:
+            raise ConfigError(f"resume={cfg.resume!r}: no checkpoints/last.ckpt to resume from")
+    else:
+        run_id = new_run_id(cfg, method.bits_tag(cfg))
+        run_dir = Path(cfg.out) / run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_resolved(cfg, run_dir / CONFIG_NAME)
+
+    versions, host = environment()
+    record = RunRecord(
+        run_id=run_id,
+        method=f"{method.name}@{method.version}",
+        track=cfg.track,
+        model=cfg.model.name,
+        dataset=cfg.data.name,
+        seed=cfg.seed,
+        bits_tag=method.bits_tag(cfg),
+        config=cfg.as_dict(),
+        config_hash=cfg.identity_hash(),
+        precision=method.precision(cfg).as_dict(),
+        versions=versions,
+        host=host,
+        started_at=_now(),
+    )
+    is_rank_zero = int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
+    record_path = run_dir / RECORD_NAME
+    if is_rank_zero:
+        record.write(run_dir)
+    tracker = Tracker(cfg, run_dir, run_id, group=f"{cfg.track}/{record.bits_tag}", job_type=method.name) if is_rank_zero else None
+    trainer = None
+    try:
+        pl.seed_everything(cfg.seed, workers=True, verbose=False)
+        say("data")
+        data = registry.datasets.get(cfg.data.name).build(cfg.data, cfg.seed)
+        model = registry.models.get(cfg.model.name).build(data.info, **cfg.model.options)
+        module = method.build(model, cfg, data)
+        meter = CostMeter()
+        trainer = make_trainer(cfg, run_dir, meter, tracker.logger if tracker else None)
+        say("train")
+        trainer.fit(module, datamodule=data, ckpt_path=resume_ckpt)
+        if trainer.interrupted:
+            raise KeyboardInterrupt
+        if not trainer.is_global_zero:
+            return record, record_path
+        say("evaluate")
+        result = evaluate_run(method, module, cfg, data)
+        record.metrics = result.metrics
+        record.layers = result.layers
+        record.model_size_bytes = result.model_size_bytes
+        record.inference_bitops = result.inference_bitops
+        record.extra.update(getattr(module, "record_extra", lambda: {})())
+        record.training_cost = meter.summary()
+        record.pretraining_cost = getattr(module, "pretraining_cost", None)
+        record.status = "ok"
+    except (KeyboardInterrupt, SystemExit) as exc:
+        if isinstance(exc, SystemExit) and not (trainer is not None and trainer.interrupted):
+            _finish(record, record_path, tracker, f"failed: exited with code {exc.code}", is_rank_zero)
+            raise
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        _finish(record, record_path, tracker, "interrupted", is_rank_zero)
+        raise RunInterrupted(f"interrupted; record at {record_path}") from None
+    except UserError as exc:
+        _finish(record, record_path, tracker, f"failed: {exc}", is_rank_zero)
+        raise
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [""])[0]
+        _finish(record, record_path, tracker, f"failed: {type(exc).__name__}: {first}", is_rank_zero)
+        raise
+    _finish(record, record_path, tracker, "ok", is_rank_zero)
+    return record, record_path
+
+
+def _finish(record: RunRecord, path: Path, tracker: Tracker | None, status: str, is_rank_zero: bool) -> None:
+    record.status = status
+    record.finished_at = _now()
+    if not is_rank_zero:
+        return
+    record.write(path.parent)
+    if tracker is not None:
+        try:
+            tracker.finish(record, path)
+        except Exception as exc:  # the record on disk is what counts; W&B is a mirror
+            print(f"warning: W&B could not finish the run: {exc}", file=sys.stderr)
+
+
+def make_trainer(cfg: ResolvedConfig, run_dir: Path, meter: CostMeter, logger) -> pl.Trainer:
+    from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
+
+    t = cfg.trainer
+    ckpt = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints",
+        filename="step{step}",
+        save_last=True,
+        save_top_k=0 if not t.checkpoint_every_n_steps else 1,
+        every_n_train_steps=t.checkpoint_every_n_steps or None,
+        save_on_train_epoch_end=True,
+        enable_version_counter=False,
+    )
+    callbacks: list[pl.Callback] = [meter, ckpt]
+    show_bar = t.progress and sys.stderr.isatty()
+    if show_bar:
+        callbacks.append(RichProgressBar(leave=False))
+    max_time = None
+    if t.max_time_s:
+        max_time = _dt.timedelta(seconds=t.max_time_s)
+    accel = "gpu" if t.accelerator == "cuda" else t.accelerator
+    return pl.Trainer(
+        max_epochs=t.max_epochs,
+        max_steps=t.max_steps,
+        max_time=max_time,
+        accelerator=accel,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=t.strategy,
+        deterministic=t.deterministic,
+        logger=logger if logger is not None else False,
+        callbacks=callbacks,
+        enable_progress_bar=show_bar,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        check_val_every_n_epoch=t.check_val_every_n_epoch,
+        log_every_n_steps=t.log_every_n_steps,
+        default_root_dir=str(run_dir),
+        use_distributed_sampler=True,
+    )
+
+
+__all__ = ["execute", "make_trainer", "new_run_id", "RunInterrupted", "CONFIG_NAME"]
