@@ -9,6 +9,7 @@ User mistakes print one line (``error: ...``) and exit with code 2; there is no 
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -189,7 +190,18 @@ def new_method(
     console.print(f"  pytest {target}/tests")
 
 
+# -------------------------------------------------------------------------------------------- bench
+
+from .bench import load_benchmarks  # noqa: E402
+
+app.add_typer(load_benchmarks(), name="bench")
+
+
 # ---------------------------------------------------------------------------------------------- main
+
+
+def _is_click_exception(exc: BaseException) -> bool:
+    return any(c.__name__ == "ClickException" for c in type(exc).__mro__) and hasattr(exc, "format_message")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,6 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app(args=argv, standalone_mode=False)
     except UserError as exc:
+        if os.environ.get("FQTBENCH_DEBUG") and exc.__cause__ is not None:
+            import traceback
+
+            traceback.print_exception(exc.__cause__)
         err_console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
         return exc.exit_code
     except RunInterrupted as exc:
@@ -207,17 +223,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         err_console.print("interrupted", markup=False)
         return 130
-    except Exception as exc:  # click usage errors and friends
-        import click
-
-        if isinstance(exc, click.exceptions.Exit):
+    except Exception as exc:  # click usage errors (typer may vendor its own click)
+        if type(exc).__name__ == "Exit" and hasattr(exc, "exit_code"):
             return exc.exit_code
-        if isinstance(exc, click.ClickException):
-            err_console.print(f"error: {exc.format_message()}", markup=False, highlight=False, soft_wrap=True)
-            return exc.exit_code
-        if isinstance(exc, click.exceptions.Abort):
+        if type(exc).__name__ == "Abort":
             err_console.print("aborted", markup=False)
             return 130
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `fqtbench`: the help is the answer
+            console.print(exc.format_message(), markup=False, highlight=False)
+            return 0
+        if _is_click_exception(exc):
+            err_console.print(f"error: {exc.format_message()}", markup=False, highlight=False, soft_wrap=True)
+            return exc.exit_code
         raise
     return 0
 

@@ -68,6 +68,9 @@ class Builder:
     # ---- quantization points -----------------------------------------------------------------
     def input(self, normalize: Normalize, q: ActQuantizer, in_shape: tuple[int, int, int]) -> Val:
         """Pixels -> first-layer codes through a per-channel lookup table computed with the float ops."""
+        if not isinstance(q, ActQuantizer):
+            raise ExportError("cannot export the first layer to integers: it has no activation quantizer")
+        _check_bits(q.bits, "input activation")
         c = in_shape[0]
         pixels = torch.arange(normalize.pixel_max + 1, dtype=torch.float32).view(1, 1, 1, -1).expand(1, c, 1, -1)
         with torch.no_grad():
@@ -120,7 +123,7 @@ class Builder:
                 c, h, w = shape
                 fp = FixedPoint.from_real(scale / (s_t * h * w), int(rng.max_abs) * h * w)
                 node = self.emit(Node("avgpool", [node], {"lo": lo_t, "hi": hi_t}, {"m": fp.m, "shift": fp.shift}))
-                shape, scale, rng = (c, 1, 1), s_t, IntRange(lo_t, hi_t)
+                shape, scale, rng = (c,), s_t, IntRange(lo_t, hi_t)
             elif op[0] == "flatten":
                 node = self.emit(Node("flatten", [node]))
                 flat_from = shape

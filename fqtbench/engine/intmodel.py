@@ -87,8 +87,9 @@ class Node:
         return y.permute(0, 2, 3, 1).contiguous()
 
     def _run_avgpool(self, xs, backend, weight, prepared):
-        """Global average: integer sum over H, W, then a fixed-point divide (the multiplier holds 1/(H*W))."""
-        s = xs[0].to(torch.int64).sum(dim=(1, 2), keepdim=True)
+        """Global average (N, H, W, C) -> (N, C): integer sum over H, W, then a fixed-point divide
+        (the multiplier holds 1/(H*W))."""
+        s = xs[0].to(torch.int64).sum(dim=(1, 2))
         fp = FixedPoint(self.tensors["m"], self.tensors["shift"])
         return requantize(s, fp, self.attrs["lo"], self.attrs["hi"]).to(_dtype(self.attrs["lo"], self.attrs["hi"]))
 

@@ -33,6 +33,14 @@ class RunInterrupted(Exception):
     """Ctrl-C during a run; the record says `interrupted`."""
 
 
+class RunFailed(UserError):
+    """A run that crashed; its record says `failed: <reason>`. Exit code 1 (not a usage mistake).
+
+    The original exception is chained (`__cause__`); FQTBENCH_DEBUG=1 prints its traceback."""
+
+    exit_code = 1
+
+
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -155,7 +163,7 @@ def execute(cfg: ResolvedConfig, on_event: Callable[[str], None] | None = None) 
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [""])[0]
         _finish(record, record_path, tracker, f"failed: {type(exc).__name__}: {first}", is_rank_zero)
-        raise
+        raise RunFailed(f"run failed: {type(exc).__name__}: {first} (record: {record_path})") from exc
     _finish(record, record_path, tracker, "ok", is_rank_zero)
     return record, record_path
 
@@ -180,8 +188,8 @@ def make_trainer(cfg: ResolvedConfig, run_dir: Path, meter: CostMeter, logger) -
     ckpt = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
         filename="step{step}",
-        save_last=True,
-        save_top_k=0 if not t.checkpoint_every_n_steps else 1,
+        save_last=True,  # Lightning writes last.ckpt only alongside a regular checkpoint, so keep one (the latest)
+        save_top_k=1,
         every_n_train_steps=t.checkpoint_every_n_steps or None,
         save_on_train_epoch_end=True,
         enable_version_counter=False,
@@ -215,4 +223,4 @@ def make_trainer(cfg: ResolvedConfig, run_dir: Path, meter: CostMeter, logger) -
     )
 
 
-__all__ = ["execute", "make_trainer", "new_run_id", "RunInterrupted", "CONFIG_NAME"]
+__all__ = ["execute", "make_trainer", "new_run_id", "RunFailed", "RunInterrupted", "CONFIG_NAME"]

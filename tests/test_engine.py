@@ -1,0 +1,160 @@
+"""The integer engine: fixed-point requantization, integer-only IntModel inference, export fidelity."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from fqtbench import registry
+from fqtbench.engine import FixedPoint, IntModel, requantize
+from fqtbench.engine.export import ExportError, export_model
+from fqtbench.harness import calibrate_activations
+from fqtbench.quant.attach import attach_standard
+
+DIGITS = SimpleNamespace(image_size=(8, 8), in_channels=1, num_classes=10, pixel_max=16, mean=(0.3,), std=(0.4,))
+CIFAR = SimpleNamespace(image_size=(32, 32), in_channels=3, num_classes=10, pixel_max=255, mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26))
+
+
+# ---- requantization --------------------------------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    mult=st.floats(min_value=1e-7, max_value=4.0e3, allow_nan=False) | st.floats(min_value=-4.0e3, max_value=-1e-7),
+    values=st.lists(st.integers(min_value=-(2**21), max_value=2**21), min_size=1, max_size=32),
+    lo_hi=st.sampled_from([(None, None), (0, 15), (-7, 7), (0, 255)]),
+)
+def test_requant_matches_float64_reference_of_round_half_up(mult, values, lo_hi):
+    fp = FixedPoint.from_real(mult, input_bound=2**21)
+    v = torch.tensor(values, dtype=torch.int64)
+    got = requantize(v, fp, *lo_hi)
+    # the documented rule: floor(v * m / 2^shift + 1/2); |v*m| < 2^53 here, so float64 is exact
+    m, s = int(fp.m), int(fp.shift)
+    ref = torch.floor(v.double() * float(m) / 2.0**s + 0.5) if s >= 0 else v.double() * float(m) * 2.0 ** (-s)
+    if lo_hi[0] is not None:
+        ref = ref.clamp(*lo_hi)
+    assert torch.equal(got, ref.to(torch.int64))
+    assert abs(float(fp.real()) - mult) <= abs(mult) * 2.0**-18  # mantissa of >= 19 bits at this input bound
+
+
+@settings(max_examples=200, deadline=None)
+@given(mult=st.floats(min_value=1e-9, max_value=1e6), v=st.integers(min_value=-(2**31), max_value=2**31 - 1))
+def test_requant_is_exact_in_python_integers_over_the_int32_range(mult, v):
+    fp = FixedPoint.from_real(mult)
+    got = int(requantize(torch.tensor([v]), fp)[0])
+    m, s = int(fp.m), int(fp.shift)
+    prod = v * m
+    ref = (prod + (1 << (s - 1))) >> s if s > 0 else prod << (-s)
+    assert got == ref
+
+
+def test_requant_rounds_half_up_and_per_channel():
+    fp = FixedPoint.from_real(torch.tensor([0.5, 0.25, -0.5]))
+    v = torch.tensor([[1, 2, 1], [-1, -2, -1], [3, 6, 3]])
+    out = requantize(v, fp)
+    assert out.tolist() == [[1, 1, 0], [0, 0, 1], [2, 2, -1]]  # .5 -> up; -0.5 -> 0; 1.5 -> 2; -1.5 -> -1
+
+
+# ---- IntModel --------------------------------------------------------------------------------
+
+
+def _quantized(name, info, w_bits=4, a_bits=4, seed=0, granularity="tensor"):
+    torch.manual_seed(seed)
+    model = registry.models.get(name).build(info)
+    attach_standard(model, w_bits=w_bits, a_bits=a_bits, first_last_bits=8 if w_bits < 8 else None, weight_granularity=granularity)
+    x = torch.randint(0, info.pixel_max + 1, (64, info.in_channels, *info.image_size), dtype=torch.uint8)
+    model.train()
+    for _ in range(3):  # move batch-norm statistics away from their initial values
+        model(x)
+    calibrate_activations(model, [(x, None)])
+    model.eval()
+    return model, x
+
+
+class NoFloat(TorchDispatchMode):
+    """Fails on any op that returns a floating-point tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops.add(str(func))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()):
+                raise AssertionError(f"{func} returned a {t.dtype} tensor")
+        return out
+
+
+@pytest.mark.parametrize("name, info", [("cnn-s", DIGITS), ("resnet20", CIFAR), ("mlp", DIGITS)])
+def test_intmodel_forward_creates_no_float_tensor(name, info):
+    model, x = _quantized(name, info)
+    im = export_model(model, (info.in_channels, *info.image_size))
+    backend = registry.backends.get("int8")
+    im.prepared(backend, im.gemm_nodes[0])  # weights are prepared once, outside inference
+    for i in im.gemm_nodes:
+        im.prepared(backend, i)
+    with NoFloat() as mode:
+        logits = im.forward(x[:8], backend)
+    assert logits.dtype in (torch.int32, torch.int64) and logits.shape == (8, 10)
+    assert any("_int_mm" in op for op in mode.ops)
+
+
+@pytest.mark.parametrize("name, info, granularity", [("cnn-s", DIGITS, "tensor"), ("resnet20", CIFAR, "tensor"), ("resnet20", CIFAR, "channel")])
+def test_integer_model_tracks_the_simulated_model(name, info, granularity):
+    """Same predictions as the fake-quantized float model on nearly every input (rounding only)."""
+    model, x = _quantized(name, info, granularity=granularity)
+    im = export_model(model, (info.in_channels, *info.image_size))
+    with torch.no_grad():
+        sim = model(x)
+    got = im.forward(x, registry.backends.get("int8"))
+    agree = (sim.argmax(1) == got.argmax(1)).float().mean().item()
+    assert agree >= 0.95
+    # integer logits are the simulated logits on a fixed scale: strongly correlated
+    c = torch.corrcoef(torch.stack([sim.flatten(), got.double().flatten().float()]))[0, 1]
+    assert c > 0.99
+
+
+def test_all_backends_give_identical_integer_logits():
+    model, x = _quantized("resnet20", CIFAR, w_bits=3, a_bits=4)
+    im = export_model(model, (3, 32, 32))
+    outs = [im.forward(x[:16], registry.backends.get(b)) for b in ("reference", "int8", "bitserial")]
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+def test_save_and_load_with_weights_only(tmp_path):
+    model, x = _quantized("cnn-s", DIGITS)
+    im = export_model(model, (1, 8, 8))
+    im.save(tmp_path / "m.pt")
+    again = IntModel.load(tmp_path / "m.pt")  # torch.load(weights_only=True) inside
+    b = registry.backends.get("int8")
+    assert torch.equal(im.forward(x, b), again.forward(x, b))
+    assert again.layer_table() == im.layer_table()
+    assert im.bitops_per_sample() == sum(l["macs"] * l["w_bits"] * l["a_bits"] for l in im.layer_table())
+
+
+def test_export_refuses_unquantized_or_too_wide_models():
+    model = registry.models.get("cnn-s").build(DIGITS)
+    with pytest.raises(ExportError, match="no activation quantizer"):
+        export_model(model, (1, 8, 8))
+    attach_standard(model, w_bits=12, a_bits=8)
+    with pytest.raises(ExportError, match="1..8"):
+        export_model(model, (1, 8, 8))
+
+
+def test_mixed_precision_layers_export_with_their_own_bits():
+    model, x = _quantized("cnn-s", DIGITS)
+    from fqtbench.nn import quant_layers
+    from fqtbench.quant import WeightQuantizer
+
+    layers = [l for _, l in quant_layers(model)]
+    layers[1].quant.weight = WeightQuantizer(2)
+    im = export_model(model, (1, 8, 8))
+    assert [l["w_bits"] for l in im.layer_table()] == [8, 2, 8]
