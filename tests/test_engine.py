@@ -145,7 +145,7 @@ def test_export_refuses_unquantized_or_too_wide_models():
     with pytest.raises(ExportError, match="no activation quantizer"):
         export_model(model, (1, 8, 8))
     attach_standard(model, w_bits=12, a_bits=8)
-    with pytest.raises(ExportError, match="1..8"):
+    with pytest.raises(ExportError, match="uses 12 bits; the integer engine supports 0..8"):
         export_model(model, (1, 8, 8))
 
 

@@ -139,7 +139,7 @@ class Builder:
         cout, cin, kh, kw = qw.q.shape
         fold, bias_real = _bn_fold(bn, cout, layer.bias)
         scale = x.scale * s_w * fold
-        codes = qw.q.round().to(torch.int8)
+        codes = _int_codes(qw)
         zero = fold.abs() < 1e-12  # a dead channel: its output is the (folded) bias alone
         if zero.any():
             codes[zero] = 0
@@ -154,18 +154,18 @@ class Builder:
             "x_range": [x.range.lo, x.range.hi], "w_range": [qw.range.lo, qw.range.hi],
             "a_bits": int(layer.quant.act.bits), "w_bits": int(qw.bits), "name": name,
         }
-        idx = self.emit(Node("conv", [x.node], attrs, {"weight": codes, "bias": bias_acc}))
         k = cin * kh * kw
+        attrs["acc_bound"] = k * x.range.max_abs * qw.range.max_abs + int(bias_acc.abs().max())
+        idx = self.emit(Node("conv", [x.node], attrs, {"weight": codes, "bias": bias_acc}))
         self.layers.append({"name": name, "kind": "conv", "node": idx, "w_bits": int(qw.bits), "a_bits": int(layer.quant.act.bits),
                             "params": int(codes.numel()), "macs": int(ho * wo * cout * k), "shape": [cout, cin, kh, kw]})
-        bound = k * x.range.max_abs * qw.range.max_abs + int(bias_acc.abs().max())
-        return Val("acc", (cout, ho, wo), idx, scale=scale, bound=bound)
+        return Val("acc", (cout, ho, wo), idx, scale=scale, bound=attrs["acc_bound"])
 
     def linear(self, v: Val, layer: QLinear, name: str) -> Val:
         x = self.materialize(v, layer.quant.act, name)
         qw, s_w = _weight_codes(layer, name)
         cout, cin = qw.q.shape
-        codes = qw.q.round().to(torch.int8)
+        codes = _int_codes(qw)
         flat_from = dict(x.post).get("flat_from") if x.post else None
         if flat_from is not None and flat_from[1] * flat_from[2] > 1:  # float flattens (C,H,W); integers are (H,W,C)
             c, h, w = flat_from
@@ -174,12 +174,12 @@ class Builder:
         scale = x.scale * s_w
         bias_acc = torch.round(bias_real / scale).to(torch.int64)
         attrs = {"cin": cin, "x_range": [x.range.lo, x.range.hi], "w_range": [qw.range.lo, qw.range.hi],
-                 "a_bits": int(layer.quant.act.bits), "w_bits": int(qw.bits), "name": name}
+                 "a_bits": int(layer.quant.act.bits), "w_bits": int(qw.bits), "name": name,
+                 "acc_bound": cin * x.range.max_abs * qw.range.max_abs + int(bias_acc.abs().max())}
         idx = self.emit(Node("linear", [x.node], attrs, {"weight": codes, "bias": bias_acc}))
         self.layers.append({"name": name, "kind": "linear", "node": idx, "w_bits": int(qw.bits), "a_bits": int(layer.quant.act.bits),
                             "params": int(codes.numel()), "macs": int(cout * cin), "shape": [cout, cin]})
-        bound = cin * x.range.max_abs * qw.range.max_abs + int(bias_acc.abs().max())
-        return Val("acc", (cout,), idx, scale=scale, bound=bound)
+        return Val("acc", (cout,), idx, scale=scale, bound=attrs["acc_bound"])
 
     def logits(self, v: Val) -> None:
         """Integer logits on one common scale (requantized only if the per-class scales differ)."""
@@ -207,15 +207,23 @@ def _bound(v: Val) -> int:
     return int(v.bound) if v.kind == "acc" else int(v.range.max_abs)
 
 
-def _check_bits(bits: int, what: str) -> None:
-    if not 1 <= bits <= MAX_ENGINE_BITS:
-        raise ExportError(f"{what} uses {bits} bits; the integer engine supports 1..{MAX_ENGINE_BITS}")
+def _check_bits(bits: int, what: str, lowest: int = 1) -> None:
+    if not lowest <= bits <= MAX_ENGINE_BITS:
+        raise ExportError(f"{what} uses {bits} bits; the integer engine supports {lowest}..{MAX_ENGINE_BITS}")
+
+
+def _int_codes(qt) -> Tensor:
+    """Weight codes in the narrowest integer dtype their declared range fits (int8 unless wider)."""
+    from .backends import narrow_dtype
+
+    dtype = narrow_dtype(qt.range)
+    return qt.q.round().to(torch.int16 if dtype == torch.uint8 else dtype)
 
 
 def _weight_codes(layer, name: str):
     if layer.quant.weight is None:
         raise ExportError(f"cannot export layer '{name}' to integers: it has no weight quantizer")
-    _check_bits(layer.quant.weight.bits, f"{name} weight")
+    _check_bits(layer.quant.weight.bits, f"{name} weight", lowest=0)  # 0 bits: a pruned, all-zero layer
     with torch.no_grad():
         qw = layer.quant.weight(layer.effective_weight().detach())
     if qw.inverse is not None or qw.scale_dims not in ((), (0,)):

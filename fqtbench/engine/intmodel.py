@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .. import cost
 from .intrange import IntRange
-from .requant import FixedPoint, requantize
+from .requant import FixedPoint, add_requantize, requantize
 
 SPEC_VERSION = 1
 
@@ -59,26 +59,25 @@ class Node:
         a = self.attrs
         pw = prepared if prepared is not None else backend.prepare_weight(self._gemm_weight(weight), IntRange(*a["w_range"]))
         acc = backend.conv2d(xs[0], pw, IntRange(*a["x_range"]), stride=a["stride"], padding=a["padding"], dilation=a["dilation"])
-        return _add_bias(acc, self.tensors.get("bias"))
+        return _add_bias(acc, self.tensors.get("bias"), a.get("acc_bound", 2**63))
 
     def _run_linear(self, xs, backend, weight, prepared):
         a = self.attrs
         pw = prepared if prepared is not None else backend.prepare_weight(self._gemm_weight(weight), IntRange(*a["w_range"]))
         acc = backend.linear(xs[0], pw, IntRange(*a["x_range"]))
-        return _add_bias(acc, self.tensors.get("bias"))
+        return _add_bias(acc, self.tensors.get("bias"), a.get("acc_bound", 2**63))
 
     def _run_requant(self, xs, backend, weight, prepared):
         fp = FixedPoint(self.tensors["m"], self.tensors["shift"])
-        return requantize(xs[0], fp, self.attrs["lo"], self.attrs["hi"]).to(_dtype(self.attrs["lo"], self.attrs["hi"]))
+        lo, hi = self.attrs["lo"], self.attrs["hi"]
+        return requantize(xs[0], fp, lo, hi, out_dtype=_dtype(lo, hi))
 
     def _run_add(self, xs, backend, weight, prepared):
         """clamp(round(a*Ma + b*Mb)): both terms kept with `guard` extra bits, one final rounding."""
-        g = self.attrs["guard"]
         fa = FixedPoint(self.tensors["m_a"], self.tensors["shift_a"])
         fb = FixedPoint(self.tensors["m_b"], self.tensors["shift_b"])
-        t = requantize(xs[0], fa, extra_shift=g) + requantize(xs[1], fb, extra_shift=g)
-        one = FixedPoint(torch.ones((), dtype=torch.int64), torch.tensor(g, dtype=torch.int64))
-        return requantize(t, one, self.attrs["lo"], self.attrs["hi"]).to(_dtype(self.attrs["lo"], self.attrs["hi"]))
+        lo, hi = self.attrs["lo"], self.attrs["hi"]
+        return add_requantize(xs[0], fa, xs[1], fb, self.attrs["guard"], lo, hi, out_dtype=_dtype(lo, hi))
 
     def _run_maxpool(self, xs, backend, weight, prepared):
         a = self.attrs
@@ -91,7 +90,8 @@ class Node:
         (the multiplier holds 1/(H*W))."""
         s = xs[0].to(torch.int64).sum(dim=(1, 2))
         fp = FixedPoint(self.tensors["m"], self.tensors["shift"])
-        return requantize(s, fp, self.attrs["lo"], self.attrs["hi"]).to(_dtype(self.attrs["lo"], self.attrs["hi"]))
+        lo, hi = self.attrs["lo"], self.attrs["hi"]
+        return requantize(s, fp, lo, hi, out_dtype=_dtype(lo, hi))
 
     def _run_shortcut_a(self, xs, backend, weight, prepared):
         s, pad = self.attrs["stride"], self.attrs["pad"]
@@ -126,10 +126,13 @@ def _dtype(lo: int | None, hi: int | None) -> torch.dtype:
     return torch.int64
 
 
-def _add_bias(acc: Tensor, bias: Tensor | None) -> Tensor:
+def _add_bias(acc: Tensor, bias: Tensor | None, bound: int) -> Tensor:
+    """acc + bias, in place and in int32 when the export-time bound of the sum allows it."""
     if bias is None:
         return acc
-    return acc.to(torch.int64) + bias
+    if acc.dtype == torch.int32 and bound <= 2**31 - 1:
+        return acc.add_(bias.to(torch.int32))
+    return acc.to(torch.int64).add_(bias)
 
 
 class IntModel:
@@ -196,6 +199,55 @@ class IntModel:
                     last[j] = i
             self._last_use_cache = last
         return self._last_use_cache
+
+    def forward_population(self, x: Tensor, backend, node: int, weights: Tensor, cost_role: str | None = None) -> Tensor:
+        """Integer logits (P, N, classes) of P variants that differ only in GEMM node `node`'s weights.
+
+        One pass: the nodes before `node` run once on the batch (their outputs do not depend on the
+        candidates); `node` runs one GEMM with the P weight tensors folded into its output-channel
+        dimension; the rest of the network runs on the P*N candidate-major batch, with earlier
+        outputs it reads (residual shortcuts) repeated P times.
+        """
+        p = int(weights.shape[0])
+        n = int(x.shape[0])
+        outs: list[Tensor | None] = [None] * len(self.nodes)
+        last = self._last_use
+        for i in range(node):  # the shared prefix
+            nd = self.nodes[i]
+            xs = [x] if nd.op == "input" else [outs[j] for j in nd.inputs]
+            y = nd.run(xs, backend, prepared=self.prepared(backend, i) if nd.op in ("conv", "linear") else None)
+            if cost_role and nd.op in ("conv", "linear"):
+                cost.record(cost_role, nd.macs(tuple(xs[0].shape), tuple(y.shape)), nd.attrs["a_bits"], nd.attrs["w_bits"])
+            outs[i] = y
+        nd = self.nodes[node]
+        cout = int(nd.tensors["weight"].shape[0])
+        folded = weights.reshape(p * cout, *weights.shape[2:])
+        pw = backend.prepare_weight(folded, IntRange(*nd.attrs["w_range"]))
+        bias = nd.tensors.get("bias")
+        xs = [outs[j] for j in nd.inputs]
+        folded_node = Node(nd.op, nd.inputs, nd.attrs, {"bias": bias.repeat(p)} if bias is not None else {})
+        y = folded_node.run(xs, backend, prepared=pw)  # (N, ..., P*Cout)
+        if cost_role:
+            cost.record(cost_role, nd.macs(tuple(xs[0].shape), tuple(y.shape)), nd.attrs["a_bits"], nd.attrs["w_bits"])
+        spatial = y.shape[1:-1]
+        y = y.reshape(n, *spatial, p, cout).movedim(-2, 0).reshape(p * n, *spatial, cout)
+        outs[node] = y
+        for j in range(node):  # earlier outputs read after `node`: one copy per candidate
+            if outs[j] is not None and last.get(j, -1) > node:
+                outs[j] = outs[j].repeat(p, *([1] * (outs[j].dim() - 1)))
+            elif last.get(j, -1) <= node:
+                outs[j] = None
+        for i in range(node + 1, len(self.nodes)):
+            nd = self.nodes[i]
+            xs = [outs[j] for j in nd.inputs]
+            y = nd.run(xs, backend, prepared=self.prepared(backend, i) if nd.op in ("conv", "linear") else None)
+            if cost_role and nd.op in ("conv", "linear"):
+                cost.record(cost_role, nd.macs(tuple(xs[0].shape), tuple(y.shape)), nd.attrs["a_bits"], nd.attrs["w_bits"])
+            outs[i] = y
+            for j in nd.inputs:
+                if last.get(j) == i:
+                    outs[j] = None
+        return outs[-1].reshape(p, n, -1)
 
     def predict(self, x: Tensor, backend) -> Tensor:
         return self.forward(x, backend).argmax(dim=1)

@@ -158,8 +158,7 @@ class _QuantGemm(torch.autograd.Function):
         qw = _q(quant.weight, w)
         xh = qa.dequant() if qa is not None else x
         wh = qw.dequant() if qw is not None else w
-        if layer.exec_mode == "int":
-            _require_int(layer, "fwd", qa, qw)
+        if _on_integers(layer, "fwd", qa, qw):
             y = _int_forward(layer, qa, qw)
         else:
             y = _float_forward(layer, xh, wh)
@@ -183,16 +182,14 @@ class _QuantGemm(torch.autograd.Function):
         gx = gw = None
         if need_x:
             qg = _q(quant.grad_input, gy)
-            if layer.exec_mode == "int":
-                _require_int(layer, "grad_input", qg, ctx.qw)
+            if _on_integers(layer, "grad_input", qg, ctx.qw):
                 gx = _int_grad_input(layer, qg, ctx.qw, xh.shape)
             else:
                 gx = _float_grad_input(layer, qg.dequant() if qg is not None else gy, xh, wh)
             cost.record("grad_input", ctx.macs, _bits(qg), _bits(ctx.qw))
         if need_w:
             qg = _q(quant.grad_weight, gy)
-            if layer.exec_mode == "int":
-                _require_int(layer, "grad_weight", qg, ctx.qa)
+            if _on_integers(layer, "grad_weight", qg, ctx.qa):
                 gw = _int_grad_weight(layer, qg, ctx.qa, wh.shape)
             else:
                 gw = _float_grad_weight(layer, qg.dequant() if qg is not None else gy, xh, wh)
@@ -238,8 +235,10 @@ def _float_grad_weight(layer: QLayer, g: Tensor, x: Tensor, w: Tensor) -> Tensor
 
 # ---- integer GEMMs ---------------------------------------------------------------------------
 #
+# Under exec=int a GEMM runs on the integer backend when both its operands are quantized; a GEMM
+# with a full-precision operand (QAT's backward, say) stays in float, as it would on hardware.
 # Scales factor out of an integer GEMM only when they do not vary along the reduced dimension;
-# `_require_int` refuses quantizer granularities for which they would.
+# `_on_integers` refuses quantizer granularities for which they would.
 
 _ALLOWED_SCALE_DIMS = {
     # role: (allowed scale dims of operand A, of operand B), dims of the tensors as the layer sees them
@@ -249,16 +248,17 @@ _ALLOWED_SCALE_DIMS = {
 }
 
 
-def _require_int(layer: QLayer, role: str, a: QTensor | None, b: QTensor | None) -> None:
-    if a is None or b is None:
-        missing = "input/gradient" if a is None else "weight/activation"
-        raise ConfigError(f"exec=int: the {role} GEMM needs both operands quantized ({missing} has no quantizer); use exec=sim")
+def _on_integers(layer: QLayer, role: str, a: QTensor | None, b: QTensor | None) -> bool:
+    """True when this GEMM runs on the integer backend (exec=int and both operands quantized)."""
+    if layer.exec_mode != "int" or a is None or b is None:
+        return False
     allowed_a, allowed_b = _ALLOWED_SCALE_DIMS[role]
     if a.scale_dims not in allowed_a or b.scale_dims not in allowed_b or (role == "grad_weight" and a.inverse):
         raise ConfigError(
             f"exec=int: the {role} GEMM's quantizer scales vary along its reduced dimension "
             f"(scale dims {a.scale_dims} x {b.scale_dims}); use per-tensor scales there or exec=sim"
         )
+    return True
 
 
 def _codes64(t: Tensor) -> Tensor:

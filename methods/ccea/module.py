@@ -1,0 +1,128 @@
+"""CC-EA in the harness: one generation per training step, integer arithmetic only."""
+
+from __future__ import annotations
+
+import torch
+
+from fqtbench.harness import GradientFreeModule
+from fqtbench.engine.intmodel import IntModel
+
+from .search import SearchConfig, SearchState, fitness
+from .start import Start
+
+
+class CCEAModule(GradientFreeModule):
+    def __init__(self, cfg, start: Start, backend):
+        super().__init__(cfg)
+        p = cfg.params
+        self.int_model: IntModel = start.int_model
+        self.backend = backend
+        self.margin_clip = start.margin_clip
+        self.start_info = start.info
+        self.pretraining_cost = (start.pretraining or {}).get("training_cost")
+        self.pretraining_info = start.pretraining
+        self.scfg = SearchConfig(
+            pop_size=p.pop_size, elite=p.elite, group_size=p.group_size, lr=p.lr, prior=p.prior,
+            start_count=p.start_count, decay_shift=p.decay_shift, saturation=p.saturation,
+            regroup_every=p.regroup_every, radius=p.radius, grouping=p.grouping,
+        )
+        self.state = SearchState.create(self.int_model, self.scfg, cfg.seed)
+        self.last_fitness_evals = 0
+        self.improvements = 0
+
+    # ---- one generation ----------------------------------------------------------------------
+    def generation(self, batch, batch_idx: int) -> dict[str, float]:
+        stats = self.evolve(*batch)
+        return {k: float(v) for k, v in stats.items()}
+
+    @torch.no_grad()
+    def evolve(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, int]:
+        """One cooperative-coevolution cycle on the mini-batch (x, y); integer ops only."""
+        st, c, im = self.state, self.scfg, self.int_model
+        li = st.pick_layer(c)
+        layer = st.layers[li]
+        idx = st.group(li, c)
+        cand = st.sample(li, idx, c.pop_size)  # (P, G)
+        context = im.nodes[layer.node].tensors["weight"]
+        flat = context.reshape(1, -1).repeat(c.pop_size + 1, 1)
+        flat[1:, idx] = cand.to(flat.dtype)
+        logits = im.forward_population(x, self.backend, layer.node, flat.reshape(c.pop_size + 1, *context.shape), cost_role="fitness")
+        fit, correct = fitness(logits, y, self.margin_clip, self.cfg.params.fitness)
+        order = torch.argsort(-fit, stable=True)  # ties: the context (row 0) first, then sampling order
+        elite = order[: c.elite]
+        st.update(li, idx, flat[elite][:, idx].to(torch.int64), c)
+        best = int(order[0])
+        improved = bool(fit[best] > fit[0])
+        if improved:
+            im.set_weight(layer.node, flat[best].reshape(context.shape).clone())
+            self.improvements += 1
+        st.generation += 1
+        if st.generation % c.regroup_every == 0:
+            st.regroup()
+        self.last_fitness_evals = c.pop_size + 1
+        return {
+            "best_fitness": int(fit[best]),
+            "mean_fitness": int(fit.sum()) // int(fit.numel()),
+            "context_correct": int(correct[0]),
+            "best_correct": int(correct[best]),
+            "layer": li,
+            "group_size": int(idx.numel()),
+            "mean_confidence_x100": int(layer.confidence().sum()) * 100 // layer.n,
+            "evals": c.pop_size + 1,
+            "improved": int(improved),
+        }
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.state.generation % 50 == 0:  # a light global summary for W&B
+            conf = torch.cat([l.confidence() for l in self.state.layers])
+            self.log("ea/mean_confidence_all", float(conf.sum()) / conf.numel(), on_step=True, on_epoch=False)
+
+    # ---- evaluation --------------------------------------------------------------------------
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        pred = self.int_model.predict(x, self.backend)
+        self.log("val/top1", float((pred == y).sum()) * 100.0 / len(y), on_epoch=True, prog_bar=True, batch_size=len(y))
+
+    def on_validation_epoch_end(self):
+        v = self.trainer.callback_metrics.get("val/top1")
+        if v is not None and not self.trainer.sanity_checking:
+            v = float(v)
+            if self.best_val_top1 is None or v > self.best_val_top1:
+                self.best_val_top1, self.best_val_epoch = v, int(self.current_epoch)
+
+    best_val_top1: float | None = None
+    best_val_epoch: int | None = None
+
+    @torch.no_grad()
+    def evaluate_sim(self, loader) -> float:
+        """CC-EA's own model *is* the integer model: its simulated accuracy is the integer one."""
+        return self.int_model.evaluate(loader, self.backend)
+
+    def calibrate(self, loader, method: str = "max", percentile: float = 100.0) -> None:
+        """Nothing to calibrate: activation scales are fixed integers from the start."""
+
+    def record_extra(self) -> dict:
+        conf = torch.cat([l.confidence() for l in self.state.layers])
+        return {
+            **self.start_info,
+            "generations": self.state.generation,
+            "improvements": self.improvements,
+            "mean_confidence": round(float(conf.sum()) / conf.numel(), 3),
+            "pretraining": {k: v for k, v in (self.pretraining_info or {}).items() if k != "training_cost"} or None,
+        }
+
+    # ---- checkpoints: the whole EA state ----------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["ccea"] = {
+            "int_model": self.int_model.state(),
+            "search": self.state.state_dict(),
+            "improvements": self.improvements,
+            "best": (self.best_val_top1, self.best_val_epoch),
+        }
+
+    def on_load_checkpoint(self, checkpoint):
+        blob = checkpoint["ccea"]
+        self.int_model = IntModel.from_state(blob["int_model"])
+        self.state.load_state_dict(blob["search"])
+        self.improvements = int(blob["improvements"])
+        self.best_val_top1, self.best_val_epoch = blob["best"]

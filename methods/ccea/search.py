@@ -1,0 +1,192 @@
+"""The CC-EA search state and operators, in integer arithmetic only.
+
+For every weight of every GEMM layer the estimation-of-distribution model keeps **integer counts**
+over a window of allowed codes (its layer's code range, optionally restricted to ``radius`` levels
+around the starting code). A weight's *confidence* is the count of its most likely code.
+
+One generation (= one cooperative-coevolution cycle):
+
+1. pick a layer, with probability proportional to its number of still-searching weights;
+2. group: take ``group_size`` weights of that layer -- the least confident ones (``confidence``),
+   random ones (``random``) or the next fixed block (``layer``, static decomposition);
+3. sample ``pop_size`` candidates for the group from the counts; all other weights stay at the
+   context vector (the current best solution), which is evaluated alongside as candidate 0;
+4. rank by integer fitness on the same mini-batch, keep ``elite``;
+5. counts of the group decay by 1/2^decay_shift and gain ``lr`` per elite vote;
+6. the context takes the best candidate's codes when its fitness is strictly higher.
+
+Weights whose confidence reaches ``saturation`` drop out of the search; every ``regroup_every``
+generations all counts are halved, which brings them back.
+
+Random numbers come from one ``torch.Generator`` (integer draws only) saved with the state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class LayerState:
+    """EDA model of one GEMM layer's weights (flattened)."""
+
+    node: int  # index of the GEMM node in the IntModel
+    name: str
+    shape: tuple[int, ...]
+    lo: int  # code range of the layer
+    hi: int
+    base: Tensor  # (n,) int64: code of window slot 0 for each weight
+    counts: Tensor  # (n, L) int32: counts over window slots; slots outside [lo, hi] are always 0
+    cursor: int = 0  # next block for static ("layer") grouping
+
+    @property
+    def n(self) -> int:
+        return int(self.base.numel())
+
+    def confidence(self) -> Tensor:
+        return self.counts.amax(dim=1)
+
+
+@dataclass
+class SearchConfig:
+    pop_size: int
+    elite: int
+    group_size: int
+    lr: int
+    prior: int
+    start_count: int
+    decay_shift: int
+    saturation: int
+    regroup_every: int
+    radius: int | None
+    grouping: str  # confidence | random | layer
+
+
+@dataclass
+class SearchState:
+    layers: list[LayerState]
+    generator: torch.Generator
+    generation: int = 0
+    history: list[dict] = field(default_factory=list)
+
+    # ---- construction ------------------------------------------------------------------------
+    @classmethod
+    def create(cls, model, cfg: SearchConfig, seed: int) -> "SearchState":
+        """Counts peaked at the model's current codes: `start_count` there, `prior` elsewhere in the window."""
+        layers = []
+        for node in model.gemm_nodes:
+            nd = model.nodes[node]
+            lo, hi = (int(v) for v in nd.attrs["w_range"])
+            w = nd.tensors["weight"].reshape(-1).to(torch.int64)
+            if cfg.radius is None:
+                base = torch.full_like(w, lo)
+                width = hi - lo + 1
+            else:
+                width = 2 * cfg.radius + 1
+                base = w - cfg.radius
+            slots = base[:, None] + torch.arange(width, dtype=torch.int64)[None, :]
+            valid = (slots >= lo) & (slots <= hi)
+            counts = torch.where(valid, torch.full_like(slots, cfg.prior), torch.zeros_like(slots))
+            counts[slots == w[:, None]] = cfg.start_count
+            layers.append(LayerState(node, nd.attrs.get("name", str(node)), tuple(nd.tensors["weight"].shape), lo, hi,
+                                     base, counts.to(torch.int32)))
+        g = torch.Generator().manual_seed(int(seed))
+        return cls(layers, g)
+
+    # ---- one generation: the parts -------------------------------------------------------------
+    def searching(self, layer: LayerState, cfg: SearchConfig) -> Tensor:
+        """Mask of weights still in the search (confidence below saturation)."""
+        return layer.confidence() < cfg.saturation
+
+    def pick_layer(self, cfg: SearchConfig) -> int:
+        """A layer index, with probability proportional to its number of searching weights."""
+        sizes = torch.tensor([int(self.searching(l, cfg).sum()) for l in self.layers], dtype=torch.int64)
+        if int(sizes.sum()) == 0:  # everything saturated: regroup now
+            self.regroup()
+            sizes = torch.tensor([l.n for l in self.layers], dtype=torch.int64)
+        r = int(torch.randint(0, int(sizes.sum()), (1,), generator=self.generator))
+        return int((torch.cumsum(sizes, 0) <= r).sum())
+
+    def group(self, li: int, cfg: SearchConfig) -> Tensor:
+        """Indices (flat) of the active sub-problem within layer `li`."""
+        layer = self.layers[li]
+        g = min(cfg.group_size, layer.n)
+        if cfg.grouping == "layer":  # static decomposition: fixed consecutive blocks, in turn
+            idx = (torch.arange(g, dtype=torch.int64) + layer.cursor) % layer.n
+            layer.cursor = (layer.cursor + g) % layer.n
+            return idx
+        noise = torch.randint(0, 1 << 20, (layer.n,), generator=self.generator, dtype=torch.int64)
+        if cfg.grouping == "random":
+            key = noise
+        else:  # confidence: least confident first, ties broken at random
+            key = layer.confidence().to(torch.int64) * (1 << 20) + noise
+        key = torch.where(self.searching(layer, cfg), key, key + (1 << 62))  # saturated weights last
+        return torch.argsort(key)[:g]
+
+    def sample(self, li: int, idx: Tensor, pop: int) -> Tensor:
+        """(pop, G) codes drawn from the integer counts of the group (inverse-CDF on integers)."""
+        layer = self.layers[li]
+        counts = layer.counts[idx].to(torch.int64)  # (G, L)
+        cdf = torch.cumsum(counts, dim=1)
+        total = cdf[:, -1]  # > 0 always (the starting code keeps a count)
+        r = torch.randint(0, 1 << 40, (pop, idx.numel()), generator=self.generator, dtype=torch.int64) % total[None, :]
+        slot = (cdf[None, :, :] <= r[:, :, None]).sum(dim=2)
+        return layer.base[idx][None, :] + slot
+
+    def update(self, li: int, idx: Tensor, elite_codes: Tensor, cfg: SearchConfig) -> None:
+        """Decay the group's counts, then add `lr` per elite vote."""
+        layer = self.layers[li]
+        c = layer.counts[idx].to(torch.int64)
+        valid = c > 0
+        c = c - (c >> cfg.decay_shift)
+        slots = (elite_codes - layer.base[idx][None, :]).clamp(0, c.shape[1] - 1)  # (E, G)
+        votes = torch.zeros_like(c)
+        votes.scatter_add_(1, slots.t(), torch.full_like(slots.t(), cfg.lr))
+        c = torch.where(valid, (c + votes).clamp_min(1), c)  # a valid slot never dies completely
+        layer.counts[idx] = c.clamp_max(2**30).to(torch.int32)
+
+    def regroup(self) -> None:
+        """Halve every count (keeping valid slots >= 1): saturated weights re-enter the search."""
+        for layer in self.layers:
+            c = layer.counts
+            layer.counts = torch.where(c > 0, (c >> 1).clamp_min(1), c)
+
+    # ---- checkpointing ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "generation": self.generation,
+            "rng": self.generator.get_state(),
+            "counts": [l.counts for l in self.layers],
+            "cursor": [l.cursor for l in self.layers],
+            "history": list(self.history),
+        }
+
+    def load_state_dict(self, d: dict) -> None:
+        self.generation = int(d["generation"])
+        self.generator.set_state(d["rng"])
+        for l, c, k in zip(self.layers, d["counts"], d["cursor"]):
+            l.counts = c.clone()
+            l.cursor = int(k)
+        self.history = list(d["history"])
+
+
+def fitness(logits: Tensor, y: Tensor, margin_clip: int, kind: str) -> tuple[Tensor, Tensor]:
+    """Integer fitness of each candidate: (fitness (P,), correct (P,)) for logits (P, N, C).
+
+    `accuracy_margin`: correct predictions first, ties broken by the sum of clipped margins
+    (true-class logit minus the largest other, clipped to +-margin_clip), packed into one int64.
+    `margin`: the clipped-margin sum alone (an integer hinge surrogate of the loss).
+    """
+    logits = logits.to(torch.int64)
+    p, n, c = logits.shape
+    yy = y.view(1, n, 1).expand(p, n, 1)
+    true = logits.gather(2, yy).squeeze(2)
+    other = logits.scatter(2, yy, torch.iinfo(torch.int64).min).amax(dim=2)
+    margin = (true - other).clamp(-margin_clip, margin_clip).sum(dim=1)
+    correct = (logits.argmax(dim=2) == y.view(1, n)).sum(dim=1)
+    if kind == "margin":
+        return margin, correct
+    return correct * (2 * n * margin_clip + 1) + margin, correct
