@@ -190,6 +190,112 @@ def new_method(
     console.print(f"  pytest {target}/tests")
 
 
+# -------------------------------------------------------------------------------------------- suite
+
+
+@app.command()
+def suite(
+    file: str = typer.Argument(..., help="Suite YAML (or the name of one under configs/suites/)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for the suite's runs (default: runs/suites/<name>)."),
+    jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Runs at a time on this machine (local executor)."),
+    executor: str = typer.Option("local", help="local, slurm (submitit) or submitit-local (submitit's local executor)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List what would run and what is already done; run nothing."),
+    partition: Optional[str] = typer.Option(None, help="SLURM partition (slurm executor)."),
+    time_min: int = typer.Option(120, help="Time limit per job in minutes (submitit executors)."),
+    gpus: int = typer.Option(0, help="GPUs per job (slurm executor); a run can use them with trainer.devices."),
+    cpus_per_task: Optional[int] = typer.Option(None, help="CPUs per SLURM task."),
+    array_parallelism: int = typer.Option(16, help="At most this many SLURM array jobs at once."),
+):
+    """Run a grid of methods x tracks x settings x seeds; cells with an ok record are skipped.
+
+    Every run is its own `fqtbench run` process; a failed run is recorded and the suite goes on.
+    Re-running an interrupted suite runs only what is missing.
+    """
+    import time as _time
+
+    from .suite import expand, load_suite, mark_done, run_local, run_submitit, write_manifest
+
+    if executor not in ("local", "slurm", "submitit-local"):
+        raise UserError(f"--executor={executor!r}: allowed: local, slurm, submitit-local")
+    spec = load_suite(file)
+    out = out or Path("runs") / "suites" / spec.name
+    cells = expand(spec, out)
+    mark_done(cells, out)
+    pending = [c for c in cells if c.status == "pending"]
+    err_console.print(f"[bold]suite {spec.name}[/]: {len(cells)} runs, {len(cells) - len(pending)} already done, {len(pending)} to run -> {out}")
+    if dry_run:
+        _suite_table(cells, title=f"suite {spec.name} (dry run)")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    write_manifest(spec, cells, out)
+    t0 = _time.time()
+    done = [0]
+
+    def on_done(cell):
+        done[0] += 1
+        err_console.print(f"  [{done[0]}/{len(pending)}] {cell.label}: {cell.status}", markup=False, highlight=False)
+
+    if executor == "local":
+        run_local(cells, out, jobs, on_done)
+    else:
+        slurm = {"timeout_min": time_min, "slurm_partition": partition, "gpus_per_node": gpus or None,
+                 "cpus_per_task": cpus_per_task, "slurm_array_parallelism": array_parallelism}
+        run_submitit(cells, out, "slurm" if executor == "slurm" else "local", slurm, on_done)
+    _suite_table(cells, title=f"suite {spec.name}: {_time.time() - t0:.0f} s")
+    failed = [c for c in cells if c.status.startswith("failed") or c.status == "interrupted"]
+    if failed:
+        raise typer.Exit(code=1)
+
+
+def _suite_table(cells, title: str) -> None:
+    table = Table(title=title)
+    for col in ("method", "track", "seed", "setting", "status"):
+        table.add_column(col, overflow="fold")
+    for c in cells:
+        setting = " ".join(f"{k}={v}" for k, v in c.setting.items()) or "-"
+        status = {"pending": "would run"}.get(c.status, c.status)
+        table.add_row(c.method, c.track, str(c.seed), setting, status)
+    counts = {k: sum(1 for c in cells if c.status.startswith(k)) for k in ("ok", "skipped", "failed", "pending")}
+    console.print(table)
+    console.print(f"ran ok: {counts['ok']}, skipped (already done): {counts['skipped']}, failed: {counts['failed']}"
+                  + (f", to run: {counts['pending']}" if counts["pending"] else ""))
+
+
+# -------------------------------------------------------------------------------------- leaderboard
+
+leaderboard_app = typer.Typer(name="leaderboard", help="Build and publish leaderboards from run records.",
+                              no_args_is_help=True, add_completion=False, rich_markup_mode=None)
+app.add_typer(leaderboard_app, name="leaderboard")
+
+
+@leaderboard_app.command("build")
+def leaderboard_build(
+    runs: list[Path] = typer.Option([Path("runs")], "--runs", "-r", help="Folders with run records (repeatable)."),
+    out: Path = typer.Option(Path("leaderboard"), "--out", "-o", help="Output folder."),
+):
+    """Aggregate run records over seeds into README.md, results.csv, index.html and PNG plots."""
+    from .leaderboard import build
+
+    lb = build(runs, out)
+    console.print(f"{len(lb.rows)} rows from {len(lb.runs)} runs ({len(lb.failed)} not ok) -> {lb.out}")
+
+
+@leaderboard_app.command("publish")
+def leaderboard_publish(
+    wandb_project: str = typer.Option(..., "--wandb-project", help="W&B project to publish to."),
+    folder: Path = typer.Option(Path("leaderboard"), "--dir", help="A built leaderboard folder."),
+    entity: Optional[str] = typer.Option(None, help="W&B entity."),
+    mode: str = typer.Option("offline", help="offline (default; `wandb sync` later), online (needs a key), disabled."),
+):
+    """Log the tables as wandb.Tables and the folder as an artifact (works offline)."""
+    from .leaderboard import publish
+
+    if mode not in ("online", "offline", "disabled"):
+        raise UserError(f"--mode={mode!r}: allowed: online, offline, disabled")
+    used = publish(folder, wandb_project, entity, mode)
+    console.print(f"published {folder} to W&B project {wandb_project} ({used})")
+
+
 # -------------------------------------------------------------------------------------------- bench
 
 from .bench import load_benchmarks  # noqa: E402

@@ -64,9 +64,9 @@ def test_requant_rounds_half_up_and_per_channel():
 # ---- IntModel --------------------------------------------------------------------------------
 
 
-def _quantized(name, info, w_bits=4, a_bits=4, seed=0, granularity="tensor"):
+def _quantized(name, info, w_bits=4, a_bits=4, seed=0, granularity="tensor", **options):
     torch.manual_seed(seed)
-    model = registry.models.get(name).build(info)
+    model = registry.models.get(name).build(info, **options)
     attach_standard(model, w_bits=w_bits, a_bits=a_bits, first_last_bits=8 if w_bits < 8 else None, weight_granularity=granularity)
     x = torch.randint(0, info.pixel_max + 1, (64, info.in_channels, *info.image_size), dtype=torch.uint8)
     model.train()
@@ -107,10 +107,13 @@ def test_intmodel_forward_creates_no_float_tensor(name, info):
     assert any("_int_mm" in op for op in mode.ops)
 
 
-@pytest.mark.parametrize("name, info, granularity", [("cnn-s", DIGITS, "tensor"), ("resnet20", CIFAR, "tensor"), ("resnet20", CIFAR, "channel")])
-def test_integer_model_tracks_the_simulated_model(name, info, granularity):
+@pytest.mark.parametrize("name, info, granularity, options", [
+    ("cnn-s", DIGITS, "tensor", {}), ("resnet20", CIFAR, "tensor", {}), ("resnet20", CIFAR, "channel", {}),
+    ("resnet20", CIFAR, "tensor", {"shortcut": "B"}),  # the 1x1 shortcut conv reads conv1's codes
+])
+def test_integer_model_tracks_the_simulated_model(name, info, granularity, options):
     """Same predictions as the fake-quantized float model on nearly every input (rounding only)."""
-    model, x = _quantized(name, info, granularity=granularity)
+    model, x = _quantized(name, info, granularity=granularity, **options)
     im = export_model(model, (info.in_channels, *info.image_size))
     with torch.no_grad():
         sim = model(x)

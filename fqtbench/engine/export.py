@@ -133,8 +133,11 @@ class Builder:
         return out
 
     # ---- layers -----------------------------------------------------------------------------
-    def conv(self, v: Val, layer: QConv2d, bn: nn.BatchNorm2d | None, name: str) -> Val:
-        x = self.materialize(v, layer.quant.act, name)
+    def conv(self, v: Val, layer: QConv2d, bn: nn.BatchNorm2d | None, name: str, act: ActQuantizer | None = None) -> Val:
+        """`act`: the quantizer that produced the input codes when it is not the layer's own (a
+        residual block's shortcut conv reads the codes of the block's first conv)."""
+        act = act or layer.quant.act
+        x = self.materialize(v, act, name)
         qw, s_w = _weight_codes(layer, name)
         cout, cin, kh, kw = qw.q.shape
         fold, bias_real = _bn_fold(bn, cout, layer.bias)
@@ -152,12 +155,12 @@ class Builder:
         attrs = {
             "stride": [sh, sw], "padding": [ph, pw], "dilation": [dh, dw], "kernel": [kh, kw], "cin": cin,
             "x_range": [x.range.lo, x.range.hi], "w_range": [qw.range.lo, qw.range.hi],
-            "a_bits": int(layer.quant.act.bits), "w_bits": int(qw.bits), "name": name,
+            "a_bits": int(act.bits), "w_bits": int(qw.bits), "name": name,
         }
         k = cin * kh * kw
         attrs["acc_bound"] = k * x.range.max_abs * qw.range.max_abs + int(bias_acc.abs().max())
         idx = self.emit(Node("conv", [x.node], attrs, {"weight": codes, "bias": bias_acc}))
-        self.layers.append({"name": name, "kind": "conv", "node": idx, "w_bits": int(qw.bits), "a_bits": int(layer.quant.act.bits),
+        self.layers.append({"name": name, "kind": "conv", "node": idx, "w_bits": int(qw.bits), "a_bits": int(act.bits),
                             "params": int(codes.numel()), "macs": int(ho * wo * cout * k), "shape": [cout, cin, kh, kw]})
         return Val("acc", (cout, ho, wo), idx, scale=scale, bound=attrs["acc_bound"])
 
@@ -181,13 +184,15 @@ class Builder:
                             "params": int(codes.numel()), "macs": int(cout * cin), "shape": [cout, cin]})
         return Val("acc", (cout,), idx, scale=scale, bound=attrs["acc_bound"])
 
-    def logits(self, v: Val) -> None:
-        """Integer logits on one common scale (requantized only if the per-class scales differ)."""
+    def logits(self, v: Val) -> float:
+        """Integer logits on one common scale (requantized only if the per-class scales differ);
+        returns that scale (real value of one logit unit)."""
         s = _per_channel(v)
         if torch.allclose(s, s.reshape(-1)[0].expand_as(s), rtol=0, atol=0) and bool((s > 0).all()):
-            return
+            return float(s.reshape(-1)[0])
         fp = FixedPoint.from_real(s / s.abs().min(), v.bound)
         self.emit(Node("requant", [v.node], {"lo": None, "hi": None}, {"m": fp.m, "shift": fp.shift}))
+        return float(s.abs().min())
 
     def shortcut_a(self, x: Val, stride: int, pad: int) -> Val:
         idx = self.emit(Node("shortcut_a", [x.node], {"stride": stride, "pad": pad}))
@@ -269,7 +274,7 @@ def _walk(b: Builder, m: nn.Module, v: Val, name: str) -> Val:
         elif m.shortcut_kind == "A":
             sc = b.shortcut_a(x, m.stride, m.cout - m.cin)
         else:
-            sc = b.conv(x, m.down_conv, m.down_bn, f"{name}.down_conv")
+            sc = b.conv(x, m.down_conv, m.down_bn, f"{name}.down_conv", act=m.conv1.quant.act)
         return Val("sum", acc2.shape, parts=[acc2, sc], relu=True)
     if isinstance(m, GlobalAvgPool):
         return replace(v, post=v.post + [("avgpool",)])
@@ -298,10 +303,10 @@ def export_model(model: QNet, in_shape: tuple[int, int, int]) -> IntModel:
         v = b.input(model.normalize, layers[0].quant.act, in_shape)
         v = _walk(b, model.body, v, "body")
         v = b.linear(v, model.head, "head")
-        b.logits(v)
+        logit_scale = b.logits(v)
     finally:
         model.train(was)
-    meta = {"arch": model.arch, "input_shape": list(in_shape), "layers": b.layers}
+    meta = {"arch": model.arch, "input_shape": list(in_shape), "layers": b.layers, "logit_scale": logit_scale}
     return IntModel(b.nodes, meta)
 
 

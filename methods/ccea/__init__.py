@@ -31,7 +31,9 @@ class CCEAConfig(StrictModel):
     decay_shift: int = Field(3, ge=1, le=16)  # counts of the group decay by 1/2^decay_shift per update
     saturation: int = Field(48, ge=2)  # confidence at which a weight leaves the search
     regroup_every: int = Field(200, ge=1)  # generations between halvings of all counts
-    fitness: Literal["accuracy_margin", "margin"] = "accuracy_margin"
+    fitness: Literal["accuracy_margin", "margin", "distill"] = "accuracy_margin"
+    search_biases: bool = False  # also search each conv's per-channel integer bias (folded batch norm)
+    bias_radius: int = Field(4, ge=1)  # bias window: +-bias_radius quarter output codes around the start
 
 
 class CCEA(Method):
@@ -60,6 +62,8 @@ class CCEA(Method):
                 raise ConfigError(f"bits.{key}={v}: ccea searches integer codes of 2..8 bits")
         if cfg.bits.g_input is not None or cfg.bits.g_weight is not None:
             raise ConfigError("bits.g_input/bits.g_weight: ccea uses no gradients; remove them")
+        if p.fitness == "distill" and p.init != "pretrained":
+            raise ConfigError("ccea.fitness='distill' needs init: pretrained (the teacher is the pretrained network)")
         if cfg.exec != "sim":
             raise ConfigError(f"exec={cfg.exec!r}: ccea always runs on the integer backend; leave exec at its default")
 

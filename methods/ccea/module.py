@@ -7,6 +7,9 @@ import torch
 from fqtbench.harness import GradientFreeModule
 from fqtbench.engine.intmodel import IntModel
 
+from fqtbench.engine.requant import requantize
+
+from .population import population_logits
 from .search import SearchConfig, SearchState, fitness
 from .start import Start
 
@@ -21,12 +24,18 @@ class CCEAModule(GradientFreeModule):
         self.start_info = start.info
         self.pretraining_cost = (start.pretraining or {}).get("training_cost")
         self.pretraining_info = start.pretraining
+        self.teacher, self.teacher_rescale = start.teacher, start.teacher_rescale
         self.scfg = SearchConfig(
             pop_size=p.pop_size, elite=p.elite, group_size=p.group_size, lr=p.lr, prior=p.prior,
             start_count=p.start_count, decay_shift=p.decay_shift, saturation=p.saturation,
             regroup_every=p.regroup_every, radius=p.radius, grouping=p.grouping,
+            bias_radius=p.bias_radius if p.search_biases else None,
         )
         self.state = SearchState.create(self.int_model, self.scfg, cfg.seed)
+        for layer in self.state.layers:  # the accumulator bound must cover every reachable bias
+            if layer.bias_step is not None:
+                attrs = self.int_model.nodes[layer.node].attrs
+                attrs["acc_bound"] = int(attrs["acc_bound"]) + p.bias_radius * int(layer.bias_step.max())
         self.last_fitness_evals = 0
         self.improvements = 0
 
@@ -43,18 +52,24 @@ class CCEAModule(GradientFreeModule):
         layer = st.layers[li]
         idx = st.group(li, c)
         cand = st.sample(li, idx, c.pop_size)  # (P, G)
-        context = im.nodes[layer.node].tensors["weight"]
-        flat = context.reshape(1, -1).repeat(c.pop_size + 1, 1)
-        flat[1:, idx] = cand.to(flat.dtype)
-        logits = im.forward_population(x, self.backend, layer.node, flat.reshape(c.pop_size + 1, *context.shape), cost_role="fitness")
-        fit, correct = fitness(logits, y, self.margin_clip, self.cfg.params.fitness)
+        flat = st.context(im, li).reshape(1, -1).repeat(c.pop_size + 1, 1)  # row 0: the context
+        flat[1:, idx] = cand
+        weights, biases = st.split(li, flat)
+        weights = weights.to(im.nodes[layer.node].tensors["weight"].dtype)
+        logits = population_logits(im, x, self.backend, layer.node, weights, biases, cost_role="fitness")
+        target = None
+        if self.teacher is not None:  # the integer teacher's logits on this batch, on the student's scale
+            target = requantize(self.teacher.forward(x, self.backend, cost_role="fitness"), self.teacher_rescale)
+        fit, correct = fitness(logits, y, self.margin_clip, self.cfg.params.fitness, target)
         order = torch.argsort(-fit, stable=True)  # ties: the context (row 0) first, then sampling order
         elite = order[: c.elite]
-        st.update(li, idx, flat[elite][:, idx].to(torch.int64), c)
+        st.update(li, idx, flat[elite][:, idx], c)
         best = int(order[0])
         improved = bool(fit[best] > fit[0])
         if improved:
-            im.set_weight(layer.node, flat[best].reshape(context.shape).clone())
+            im.set_weight(layer.node, weights[best].clone())
+            if biases is not None:
+                im.nodes[layer.node].tensors["bias"] = biases[best].clone()
             self.improvements += 1
         st.generation += 1
         if st.generation % c.regroup_every == 0:

@@ -2,7 +2,13 @@
 
 For every weight of every GEMM layer the estimation-of-distribution model keeps **integer counts**
 over a window of allowed codes (its layer's code range, optionally restricted to ``radius`` levels
-around the starting code). A weight's *confidence* is the count of its most likely code.
+around the starting code). A variable's *confidence* is the count of its most likely code.
+
+With ``bias_radius`` set, each conv layer's vector of variables also holds one integer *bias
+offset* per output channel (codes -bias_radius..bias_radius around the start): the channel's
+integer bias is ``bias0 + offset * bias_step``, where ``bias_step`` is a quarter of one output
+code of the node that consumes the conv, in accumulator units. These variables live in the same
+count table (wider windows are padded with zero counts) and are grouped like weights.
 
 One generation (= one cooperative-coevolution cycle):
 
@@ -23,6 +29,7 @@ Random numbers come from one ``torch.Generator`` (integer draws only) saved with
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -31,16 +38,20 @@ from torch import Tensor
 
 @dataclass
 class LayerState:
-    """EDA model of one GEMM layer's weights (flattened)."""
+    """EDA model of one GEMM layer's variables: its weights (flattened), then its bias offsets."""
 
     node: int  # index of the GEMM node in the IntModel
     name: str
-    shape: tuple[int, ...]
-    lo: int  # code range of the layer
-    hi: int
-    base: Tensor  # (n,) int64: code of window slot 0 for each weight
-    counts: Tensor  # (n, L) int32: counts over window slots; slots outside [lo, hi] are always 0
+    shape: tuple[int, ...]  # weight shape
+    base: Tensor  # (n,) int64: code of window slot 0 for each variable
+    counts: Tensor  # (n, L) int32: counts over window slots; slots outside a variable's range are always 0
+    bias0: Tensor | None = None  # (Cout,) int64 starting bias, when the biases are searched
+    bias_step: Tensor | None = None  # (Cout,) int64 accumulator units per bias code
     cursor: int = 0  # next block for static ("layer") grouping
+
+    @property
+    def n_weights(self) -> int:
+        return math.prod(self.shape)
 
     @property
     def n(self) -> int:
@@ -63,6 +74,7 @@ class SearchConfig:
     regroup_every: int
     radius: int | None
     grouping: str  # confidence | random | layer
+    bias_radius: int | None = None  # search conv biases within +-bias_radius steps; None: weights only
 
 
 @dataclass
@@ -81,20 +93,46 @@ class SearchState:
             nd = model.nodes[node]
             lo, hi = (int(v) for v in nd.attrs["w_range"])
             w = nd.tensors["weight"].reshape(-1).to(torch.int64)
-            if cfg.radius is None:
-                base = torch.full_like(w, lo)
-                width = hi - lo + 1
+            if cfg.radius is None:  # the whole code range
+                base, width = torch.full_like(w, lo), hi - lo + 1
             else:
-                width = 2 * cfg.radius + 1
-                base = w - cfg.radius
+                base, width = w - cfg.radius, 2 * cfg.radius + 1
+            start = w
+            lo_v, hi_v = torch.full_like(w, lo), torch.full_like(w, hi)
+            bias0 = step = None
+            if cfg.bias_radius is not None and nd.op == "conv":
+                step = bias_step(model, node)
+                bias0 = nd.tensors["bias"].to(torch.int64).clone()
+                k, zero = cfg.bias_radius, torch.zeros_like(bias0)
+                base, start = torch.cat([base, zero - k]), torch.cat([start, zero])
+                lo_v, hi_v = torch.cat([lo_v, zero - k]), torch.cat([hi_v, zero + k])
+                width = max(width, 2 * k + 1)
             slots = base[:, None] + torch.arange(width, dtype=torch.int64)[None, :]
-            valid = (slots >= lo) & (slots <= hi)
+            valid = (slots >= lo_v[:, None]) & (slots <= hi_v[:, None])
             counts = torch.where(valid, torch.full_like(slots, cfg.prior), torch.zeros_like(slots))
-            counts[slots == w[:, None]] = cfg.start_count
-            layers.append(LayerState(node, nd.attrs.get("name", str(node)), tuple(nd.tensors["weight"].shape), lo, hi,
-                                     base, counts.to(torch.int32)))
+            counts[slots == start[:, None]] = cfg.start_count
+            layers.append(LayerState(node, nd.attrs.get("name", str(node)), tuple(nd.tensors["weight"].shape),
+                                     base, counts.to(torch.int32), bias0, step))
         g = torch.Generator().manual_seed(int(seed))
         return cls(layers, g)
+
+    def context(self, model, li: int) -> Tensor:
+        """(n,) int64: the current codes of layer `li`'s variables in `model` (weights, then bias offsets)."""
+        layer = self.layers[li]
+        nd = model.nodes[layer.node]
+        w = nd.tensors["weight"].reshape(-1).to(torch.int64)
+        if layer.bias0 is None:
+            return w
+        return torch.cat([w, (nd.tensors["bias"].to(torch.int64) - layer.bias0) // layer.bias_step])
+
+    def split(self, li: int, codes: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Candidate codes (P, n) -> weight codes (P, *shape) and integer biases (P, Cout) or None."""
+        layer = self.layers[li]
+        k = layer.n_weights
+        weights = codes[:, :k].reshape(codes.shape[0], *layer.shape)
+        if layer.bias0 is None:
+            return weights, None
+        return weights, layer.bias0[None, :] + codes[:, k:] * layer.bias_step[None, :]
 
     # ---- one generation: the parts -------------------------------------------------------------
     def searching(self, layer: LayerState, cfg: SearchConfig) -> Tensor:
@@ -173,14 +211,42 @@ class SearchState:
         self.history = list(d["history"])
 
 
-def fitness(logits: Tensor, y: Tensor, margin_clip: int, kind: str) -> tuple[Tensor, Tensor]:
+def bias_step(model, node: int) -> Tensor:
+    """(Cout,) accumulator units that move the consumer of GEMM `node` by a quarter of an output code.
+
+    The consumer is a requantization (m, shift) or a residual add (m_a/shift_a or m_b/shift_b) whose
+    multiplier is m * 2^-shift; a quarter code is 2^shift / (4 |m|) accumulator units (at least 1).
+    """
+    for nd in model.nodes:
+        if node not in nd.inputs:
+            continue
+        if nd.op == "requant":
+            m, shift = nd.tensors["m"], nd.tensors["shift"]
+        elif nd.op == "add":
+            key = "a" if nd.inputs[0] == node else "b"
+            m, shift = nd.tensors[f"m_{key}"], nd.tensors[f"shift_{key}"]
+        else:
+            continue
+        cout = int(model.nodes[node].tensors["weight"].shape[0])
+        m = m.to(torch.int64).abs().clamp_min(1).expand(cout)
+        shift = shift.to(torch.int64).expand(cout).clamp(0, 62)
+        return ((torch.ones_like(m) << shift) // (4 * m)).clamp_min(1)
+    raise ValueError(f"GEMM node {node} has no requantizing consumer: its bias cannot be searched")
+
+
+def fitness(logits: Tensor, y: Tensor, margin_clip: int, kind: str, target: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Integer fitness of each candidate: (fitness (P,), correct (P,)) for logits (P, N, C).
 
     `accuracy_margin`: correct predictions first, ties broken by the sum of clipped margins
     (true-class logit minus the largest other, clipped to +-margin_clip), packed into one int64.
     `margin`: the clipped-margin sum alone (an integer hinge surrogate of the loss).
+    `distill`: minus the L1 distance to `target`, the integer logits (N, C) of the 8-bit integer
+    teacher on the same batch, on the candidates' logit scale.
     """
     logits = logits.to(torch.int64)
+    if kind == "distill":
+        correct = (logits.argmax(dim=2) == y.view(1, -1)).sum(dim=1)
+        return -(logits - target.unsqueeze(0)).abs().sum(dim=(1, 2)), correct
     p, n, c = logits.shape
     yy = y.view(1, n, 1).expand(p, n, 1)
     true = logits.gather(2, yy).squeeze(2)

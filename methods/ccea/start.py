@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +20,7 @@ from torch import Tensor
 
 from fqtbench.engine.export import export_model
 from fqtbench.engine.intmodel import IntModel
+from fqtbench.engine.requant import FixedPoint
 from fqtbench.harness import calibrate_activations
 from fqtbench.harness.pretrain import pretrained_fp32
 from fqtbench.nn import quant_layers
@@ -32,17 +34,21 @@ class Start:
     margin_clip: int
     info: dict[str, Any] = field(default_factory=dict)
     pretraining: dict[str, Any] | None = None
+    teacher: IntModel | None = None  # 8-bit integer twin of the pretrained network (distill fitness)
+    teacher_rescale: FixedPoint | None = None  # teacher logits -> the student's logit scale
 
 
 def start_model(model, cfg, data, backend) -> Start:
     p, b, e = cfg.params, cfg.bits, cfg.engine
     in_shape = (data.info.in_channels, *data.info.image_size)
-    pre = None
+    pre = teacher = rescale = None
     if p.init == "pretrained":
         pre = pretrained_fp32(cfg, data, model, p.checkpoint)
-        attach_standard(model, w_bits=b.w, a_bits=b.a, first_last_bits=b.first_last, weight_granularity=p.weight_granularity)
-        calibrate_activations(model, data.calib_dataloader(e.calib_batches), e.calib_method, e.percentile)
-        im = export_model(model, in_shape)
+        if p.fitness == "distill":
+            teacher = _quantized_export(copy.deepcopy(model), 8, 8, None, "channel", data, e, in_shape)
+        im = _quantized_export(model, b.w, b.a, b.first_last, p.weight_granularity, data, e, in_shape)
+        if teacher is not None:
+            rescale = FixedPoint.from_real(teacher.meta["logit_scale"] / im.meta["logit_scale"], 2**40)
     else:
         im = random_int_model(model, cfg, data, backend, in_shape)
     x, _ = next(iter(data.calib_dataloader(1)))
@@ -53,7 +59,14 @@ def start_model(model, cfg, data, backend) -> Start:
         "start_val_top1": round(im.evaluate(data.val_dataloader(), backend), 4),
         "margin_clip": clip,
     }
-    return Start(im, clip, info, pre)
+    return Start(im, clip, info, pre, teacher, rescale)
+
+
+def _quantized_export(model, w_bits, a_bits, first_last, granularity, data, e, in_shape) -> IntModel:
+    """Post-training quantization of the fp32 model: quantizers attached, ranges calibrated, exported."""
+    attach_standard(model, w_bits=w_bits, a_bits=a_bits, first_last_bits=first_last, weight_granularity=granularity)
+    calibrate_activations(model, data.calib_dataloader(e.calib_batches), e.calib_method, e.percentile)
+    return export_model(model, in_shape)
 
 
 def margin_clip(im: IntModel, x: Tensor, backend) -> int:
