@@ -178,7 +178,7 @@ def list_(
 
 @app.command("new-method")
 def new_method(
-    name: str = typer.Argument(..., help="Method name, e.g. my-quant (letters, digits, '-' and '_')."),
+    name: str = typer.Argument(..., metavar="NAME", help="Method name, e.g. my-quant (letters, digits, '-' and '_')."),
     directory: Optional[Path] = typer.Option(None, "--dir", "-d", help="Where to write the plugin (default: ./fqtbench-<name>)."),
 ):
     """Write a ready-to-install plugin skeleton (pyproject, method, test) for a new method."""
@@ -315,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     from .harness.runner import RunInterrupted
 
     try:
-        app(args=argv, standalone_mode=False)
+        # Without standalone mode click *returns* the code of a typer.Exit instead of raising it.
+        code = app(args=argv, standalone_mode=False)
     except UserError as exc:
         if os.environ.get("FQTBENCH_DEBUG") and exc.__cause__ is not None:
             import traceback
@@ -342,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
             err_console.print(f"error: {exc.format_message()}", markup=False, highlight=False, soft_wrap=True)
             return exc.exit_code
         raise
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":  # pragma: no cover

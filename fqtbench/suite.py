@@ -144,9 +144,8 @@ def run_cell_process(config_path: str, method: str, threads: int | None) -> tupl
     """Run one cell as its own `fqtbench run` process; returns (exit code, last stderr line)."""
     cmd = [sys.executable, "-m", "fqtbench.cli", "run", "--method", method, "--config", config_path]
     env = dict(os.environ)
-    if threads:
+    if threads:  # through the environment: a --set would change the run's identity and defeat resuming
         env["OMP_NUM_THREADS"] = str(threads)
-        cmd += ["--set", f"trainer.threads={threads}"]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [l for l in res.stderr.strip().splitlines() if l.strip()]
     return res.returncode, (lines[-1] if lines else "")
