@@ -106,9 +106,15 @@ def load_record(path: str | Path) -> RunRecord:
 
 
 def iter_records(*roots: str | Path) -> Iterator[tuple[Path, RunRecord]]:
-    """Every readable record under the given folders (a torn or foreign JSON file is skipped)."""
+    """Every readable record under the given folders (a torn or foreign JSON file is skipped).
+
+    The copy W&B keeps of each record (under a run's ``wandb/`` folder) is not a record: skipping
+    it keeps every run counted once and never reads W&B's private files.
+    """
     for root in roots:
         for p in sorted(Path(root).rglob(RECORD_NAME)):
+            if "wandb" in p.relative_to(root).parts[:-1]:
+                continue
             try:
                 yield p, load_record(p)
             except (json.JSONDecodeError, TypeError, OSError):

@@ -42,6 +42,15 @@ def test_iter_records_skips_torn_files(tmp_path):
     assert [r.run_id for _, r in iter_records(tmp_path)] == ["r1"]
 
 
+def test_iter_records_ignores_the_copy_wandb_keeps(tmp_path):
+    """W&B attaches the record to its run, so a copy sits under runs/<id>/wandb/...; it is not a second run."""
+    rec = RunRecord("r1", "m@1", "digits", "cnn-s", "digits", 0, "w8a8", {}, "h", {})
+    rec.write(tmp_path / "runs" / "r1")
+    rec.write(tmp_path / "runs" / "r1" / "wandb" / "offline-run-x" / "files")
+    assert [p.parent.name for p, _ in iter_records(tmp_path / "runs")] == ["r1"]
+    assert len(list(iter_records(tmp_path))) == 1
+
+
 class _Boom(Method):
     name, version, description = "boom-test", "1", "fails or is interrupted at step 3"
     mode = "raise"

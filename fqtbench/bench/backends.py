@@ -13,8 +13,7 @@ import torch
 import typer
 
 from . import bench_app
-from .ccea import SHAPES
-from .common import emit, time_call
+from .common import emit, shape_info, time_call
 
 
 def int8_ceiling(m: int = 4096, k: int = 1024, n: int = 1024, repeat: int = 5) -> float:
@@ -33,7 +32,7 @@ def models_for(name: str, bits: int, batch: int):
     from ..harness.module import calibrate_activations
     from ..quant.attach import attach_standard
 
-    info = SHAPES[name]
+    info = shape_info(name)
     torch.manual_seed(0)
     float_model = registry.models.get(name).build(info).eval()
     q = copy.deepcopy(float_model)

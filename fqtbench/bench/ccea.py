@@ -9,18 +9,12 @@ does, so the ratio is an average over where the active group sits.
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import torch
 import typer
 
 from . import bench_app
-from .common import emit, time_call
+from .common import emit, shape_info, time_call
 
-SHAPES = {
-    "cnn-s": SimpleNamespace(image_size=(8, 8), in_channels=1, num_classes=10, pixel_max=16, mean=(0.3,), std=(0.4,)),
-    "resnet20": SimpleNamespace(image_size=(32, 32), in_channels=3, num_classes=10, pixel_max=255, mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26)),
-}
 
 
 def quantized_int_model(name: str, bits: int = 4, seed: int = 0, n_calib: int = 64):
@@ -30,7 +24,7 @@ def quantized_int_model(name: str, bits: int = 4, seed: int = 0, n_calib: int = 
     from ..harness.module import calibrate_activations
     from ..quant.attach import attach_standard
 
-    info = SHAPES[name]
+    info = shape_info(name)
     torch.manual_seed(seed)
     model = registry.models.get(name).build(info)
     attach_standard(model, w_bits=bits, a_bits=bits, weight_granularity="channel")

@@ -5,11 +5,26 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from types import SimpleNamespace
 from typing import Any, Callable, Sequence
 
 import torch
 from rich.console import Console
 from rich.table import Table
+
+from ..errors import UserError
+
+# Input shapes of the architectures the engine benchmarks build (untrained: timings do not depend on weights).
+SHAPES = {
+    "cnn-s": SimpleNamespace(image_size=(8, 8), in_channels=1, num_classes=10, pixel_max=16, mean=(0.3,), std=(0.4,)),
+    "resnet20": SimpleNamespace(image_size=(32, 32), in_channels=3, num_classes=10, pixel_max=255, mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26)),
+}
+
+
+def shape_info(name: str) -> SimpleNamespace:
+    if name not in SHAPES:
+        raise UserError(f"--models: unknown model {name!r}; allowed: {', '.join(SHAPES)}")
+    return SHAPES[name]
 
 
 def time_call(fn: Callable[[], Any], *, warmup: int = 1, repeat: int = 5, min_time: float = 0.0) -> float:

@@ -187,7 +187,7 @@ def make_trainer(cfg: ResolvedConfig, run_dir: Path, meter: CostMeter, logger) -
     t = cfg.trainer
     ckpt = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
-        filename="step{step}",
+        filename="step-{step}", auto_insert_metric_name=False,
         save_last=True,  # Lightning writes last.ckpt only alongside a regular checkpoint, so keep one (the latest)
         save_top_k=1,
         every_n_train_steps=t.checkpoint_every_n_steps or None,

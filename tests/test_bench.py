@@ -1,0 +1,36 @@
+"""The benchmarks are tested themselves: they run, check their paths agree, and report consistent
+ratios. (Their numbers are read by people in the bench output, never asserted as timings here.)"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+def _bench(cli, *args) -> dict:
+    code, out, err = cli("bench", *args, "--json")
+    assert code == 0, err
+    return json.loads(out)
+
+
+def test_bench_backends_reports_every_backend_against_fp32(cli):
+    doc = _bench(cli, "backends", "--models", "cnn-s", "--batch", "32", "--repeat", "1")
+    rows = doc["rows"]
+    assert [r["engine"] for r in rows] == ["fp32 float"] + [f"IntModel w8a8 on {b}" for b in ("int8", "bitserial", "reference")]
+    fp32 = rows[0]["images/s"]
+    for r in rows:
+        assert r["images/s"] > 0 and r["vs fp32"] == pytest.approx(r["images/s"] / fp32, rel=1e-9)
+    assert "every backend's logits checked identical" in doc["notes"] and doc["machine"]["torch"]
+
+
+def test_bench_ccea_compares_naive_and_batched_paths(cli):
+    doc = _bench(cli, "ccea", "--models", "cnn-s", "--batch", "16", "--pop", "3", "--repeat", "1")
+    (row,) = doc["rows"]
+    assert row["model"] == "cnn-s" and row["candidates"] == 3 and row["layers"] >= 3
+    assert row["speed-up"] == pytest.approx(row["batched+incremental evals/s"] / row["naive evals/s"], rel=1e-9)
+
+
+def test_bench_refuses_an_unknown_model(cli):
+    code, out, err = cli("bench", "ccea", "--models", "vgg99")
+    assert code == 2 and "vgg99" in err and err.count("\n") <= 1
