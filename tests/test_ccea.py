@@ -41,6 +41,24 @@ def test_counts_start_peaked_and_windows_respect_the_code_range():
     assert st.layers[0].confidence().tolist() == [8, 8, 8, 8]
 
 
+def test_bias_variables_get_their_own_wider_window():
+    """With search_biases, a conv's bias offsets (window 2*bias_radius+1) share the count table with
+    its weights (window 2*radius+1): each variable's counts cover its own window and nothing more."""
+    from fqtbench.bench.ccea import quantized_int_model
+
+    im, _ = quantized_int_model("cnn-s", bits=3)
+    st = SearchState.create(im, SearchConfig(**{**SCFG.__dict__, "bias_radius": 4}), seed=0)
+    conv = next(l for l in st.layers if l.bias0 is not None)
+    lo, hi = im.nodes[conv.node].attrs["w_range"]
+    nonzero = (conv.counts > 0).sum(dim=1)
+    w = im.nodes[conv.node].tensors["weight"].reshape(-1).to(torch.int64)
+    inside = (torch.clamp(w + 1, max=hi) - torch.clamp(w - 1, min=lo) + 1)  # codes within radius 1 and the range
+    assert nonzero[: conv.n_weights].tolist() == inside.tolist()
+    assert nonzero[conv.n_weights:].tolist() == [9] * conv.bias0.numel()
+    assert conv.confidence().tolist() == [8] * conv.n
+    assert (conv.base[conv.n_weights:] == -4).all()
+
+
 def test_sampling_follows_the_integer_counts():
     st, _ = _state(w=torch.zeros(1, 1, dtype=torch.int8))
     st.layers[0].counts[0] = torch.tensor([1, 2, 5], dtype=torch.int32)

@@ -97,18 +97,18 @@ class SearchState:
                 base, width = torch.full_like(w, lo), hi - lo + 1
             else:
                 base, width = w - cfg.radius, 2 * cfg.radius + 1
-            start = w
+            start, span = w, torch.full_like(w, width)  # span: window width of each variable
             lo_v, hi_v = torch.full_like(w, lo), torch.full_like(w, hi)
             bias0 = step = None
             if cfg.bias_radius is not None and nd.op == "conv":
                 step = bias_step(model, node)
                 bias0 = nd.tensors["bias"].to(torch.int64).clone()
                 k, zero = cfg.bias_radius, torch.zeros_like(bias0)
-                base, start = torch.cat([base, zero - k]), torch.cat([start, zero])
+                base, start, span = torch.cat([base, zero - k]), torch.cat([start, zero]), torch.cat([span, zero + 2 * k + 1])
                 lo_v, hi_v = torch.cat([lo_v, zero - k]), torch.cat([hi_v, zero + k])
-                width = max(width, 2 * k + 1)
-            slots = base[:, None] + torch.arange(width, dtype=torch.int64)[None, :]
-            valid = (slots >= lo_v[:, None]) & (slots <= hi_v[:, None])
+            offset = torch.arange(int(span.max()), dtype=torch.int64)[None, :]
+            slots = base[:, None] + offset
+            valid = (offset < span[:, None]) & (slots >= lo_v[:, None]) & (slots <= hi_v[:, None])
             counts = torch.where(valid, torch.full_like(slots, cfg.prior), torch.zeros_like(slots))
             counts[slots == start[:, None]] = cfg.start_count
             layers.append(LayerState(node, nd.attrs.get("name", str(node)), tuple(nd.tensors["weight"].shape),
