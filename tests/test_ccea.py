@@ -202,3 +202,10 @@ def test_ccea_learns_on_digits_w3a3(cli, tmp_path):
     assert rec.pretraining_cost["samples"] > 0  # the fp32 start is accounted separately
     cfg = yaml.safe_load((next(tmp_path.glob("*/config.yaml"))).read_text())
     assert cfg["ccea"]["grouping"] == "confidence"
+
+
+@pytest.mark.parametrize("over, tag", [([], "w4a4"), (["ccea.grouping=random"], "w4a4-random"),
+                                       (["bits.w=3", "bits.a=3", "ccea.grouping=layer"], "w3a3-layer"),
+                                       (["ccea.init=random"], "w4a4-init-random")])
+def test_bits_tag_keeps_ablations_apart(over, tag):
+    assert METHOD.bits_tag(resolve("ccea", overrides=over)) == tag

@@ -52,6 +52,17 @@ class CCEA(Method):
             note="gradient-free: population fitness evaluations are integer forward passes on the shared backend",
         )
 
+    def bits_tag(self, cfg: ResolvedConfig) -> str:
+        """'w4a4', plus the ablations that change what a row means: '-random' / '-layer' grouping,
+        '-init-random' -- so the leaderboard never averages an ablation into the default row."""
+        p = cfg.params
+        tag = super().bits_tag(cfg)
+        if p.grouping != "confidence":
+            tag += f"-{p.grouping}"
+        if p.init != "pretrained":
+            tag += f"-init-{p.init}"
+        return tag
+
     def validate_config(self, cfg: ResolvedConfig) -> None:
         p = cfg.params
         if p.elite > p.pop_size + 1:
