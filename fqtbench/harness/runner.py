@@ -65,6 +65,8 @@ def quiet_libraries() -> None:
         ".*torch.cuda.amp.*",
         ".*LeafSpec.*",
         ".*isinstance.*treespec.*",
+        # gradient-free modules step by hand; their checkpoint holds the state after a whole generation, as intended
+        ".*ModelCheckpoint with manual optimization.*",
     ):
         warnings.filterwarnings("ignore", message=msg)
 

@@ -34,6 +34,7 @@ METRICS = [
     Metric("gap_to_fp32", "int − fp32", True),
     Metric("ptq_int_top1", "8-bit PTQ int top-1 % (fp32 rows)", True),
     Metric("train_bitops", "training BitOPs", False, "{:.3g}"),
+    Metric("pretrain_bitops", "+ fp32 pretraining BitOPs", False, "{:.3g}"),
     Metric("evals_or_samples", "fitness evals / samples", False, "{:.0f}"),
     Metric("wall_s", "wall s", False, "{:.0f}"),
     Metric("model_size_kb", "model size KiB", False, "{:.1f}"),
@@ -61,7 +62,8 @@ def run_row(path: Path, rec: RunRecord) -> dict[str, Any]:
         "record": str(path),
         "int_top1": f.get("int_top1"), "sim_top1": f.get("sim_top1"), "gap": f.get("gap"),
         "ptq_int_top1": f.get("ptq_int_top1"),
-        "train_bitops": tc.get("train_bitops"), "evals_or_samples": evals, "wall_s": tc.get("wall_s"),
+        "train_bitops": tc.get("train_bitops"), "pretrain_bitops": (rec.pretraining_cost or {}).get("train_bitops"),
+        "evals_or_samples": evals, "wall_s": tc.get("wall_s"),
         "model_size_kb": rec.model_size_bytes / 1024 if rec.model_size_bytes is not None else None,
         "inference_bitops": rec.inference_bitops, "avg_w_bits": avg_weight_bits(rec),
         "config_hash": rec.config_hash,
@@ -133,7 +135,7 @@ def aggregate(runs: list[dict[str, Any]], expected: dict[tuple[str, str], int] |
         row["int_top1"] = _mean(ints)
         row["int_top1_std"] = _std(ints)
         row["int_top1_ci95"] = ci95(ints)
-        for key in ("sim_top1", "gap", "ptq_int_top1", "train_bitops", "evals_or_samples", "wall_s", "model_size_kb", "inference_bitops", "avg_w_bits"):
+        for key in ("sim_top1", "gap", "ptq_int_top1", "train_bitops", "pretrain_bitops", "evals_or_samples", "wall_s", "model_size_kb", "inference_bitops", "avg_w_bits"):
             row[key] = _mean([r[key] for r in rs])
         ref = fp32.get(track)
         row["gap_to_fp32"] = (row["int_top1"] - ref) if row["int_top1"] is not None and ref is not None else None
