@@ -75,7 +75,13 @@ def run(
     if resume is not None:
         overrides.append(f"resume={resume}")
     cfg = resolve(method, track, config, overrides, seed=seed, out=out, wandb_mode=wandb)
-    err_console.print(f"[bold]fqtbench run[/] {cfg.method} on {cfg.track} (seed {cfg.seed}, exec {cfg.exec}, backend {cfg.engine.backend})")
+    shown = cfg
+    if resume is not None:  # the header names the resumed run's own config, not this command line's
+        from .harness.runner import prepare_resume
+
+        shown, _ = prepare_resume(cfg)
+    err_console.print(f"[bold]fqtbench run[/] {shown.method} on {shown.track} (seed {shown.seed}, exec {shown.exec}, "
+                      f"backend {shown.engine.backend})" + (f", resuming {resume}" if resume is not None else ""))
     record, path = execute(cfg, on_event=lambda stage: err_console.print(f"  [dim]{stage}...[/]"))
     print_summary([record], [path])
 

@@ -94,11 +94,17 @@ def test_interrupted_run_writes_interrupted_record(cli, tmp_path, boom):
     boom.mode = "interrupt"
     handler = signal.getsignal(signal.SIGINT)
     try:
-        code, out, err = cli("run", "--method", "boom-test", "--out", str(tmp_path))
+        code, out, err = cli("run", "--method", "boom-test", "--out", str(tmp_path), "--seed", "5", "--set", "trainer.max_epochs=2")
     finally:
         signal.signal(signal.SIGINT, handler)
     assert code == 130
     assert only_record(tmp_path).status == "interrupted"
+    # resuming from the command line: the header names the saved run (its seed), not the command line's
+    # defaults; interrupted before its first checkpoint, the run cannot resume and says so in one line
+    (run_dir,) = tmp_path.glob("*/")
+    code, out, err = cli("run", "--method", "boom-test", "--resume", str(run_dir))
+    assert code == 2 and "(seed 5," in err and "resuming" in err
+    assert err.count("error:") == 1 and "no checkpoints/last.ckpt to resume from" in err
 
 
 def test_ok_record_has_every_field(cli, tmp_path):
