@@ -65,7 +65,7 @@ def pretrained_fp32(cfg: ResolvedConfig, data, model: nn.Module, checkpoint: str
             record, record_path = execute(fcfg)
         ckpt = torch.load(record_path.parent / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
         state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-        tmp = weights.with_suffix(".tmp")
+        tmp = weights.with_suffix(f".{os.getpid()}.tmp")  # two runs of a suite may pretrain the same network at once
         torch.save({"state_dict": state, "record": str(record_path)}, tmp)
         tmp.replace(weights)
     blob = torch.load(weights, map_location="cpu", weights_only=True)
