@@ -278,11 +278,12 @@ app.add_typer(leaderboard_app, name="leaderboard")
 def leaderboard_build(
     runs: list[Path] = typer.Option([Path("runs")], "--runs", "-r", help="Folders with run records (repeatable)."),
     out: Path = typer.Option(Path("leaderboard"), "--out", "-o", help="Output folder."),
+    note: Optional[str] = typer.Option(None, "--note", help="A paragraph shown under the title (the machine, caveats)."),
 ):
     """Aggregate run records over seeds into README.md, results.csv, index.html and PNG plots."""
     from .leaderboard import build
 
-    lb = build(runs, out)
+    lb = build(runs, out, note)
     console.print(f"{len(lb.rows)} rows from {len(lb.runs)} runs ({len(lb.failed)} not ok) -> {lb.out}")
 
 

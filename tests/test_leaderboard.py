@@ -69,7 +69,7 @@ def runs(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def board(runs, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("board")
-    assert main(["leaderboard", "build", "--runs", str(runs), "--out", str(out)]) == 0
+    assert main(["leaderboard", "build", "--runs", str(runs), "--out", str(out), "--note", "Runs shared a <2-core> machine."]) == 0
     return out
 
 
@@ -123,6 +123,8 @@ def test_incomplete_rows_and_failed_runs_are_marked(board):
     md = (board / "README.md").read_text()
     assert "⚠ 2/3" in md and "loss is NaN at step 12" in md
     assert "## digits" in md and "## cifar10-r20-cpu" in md
+    assert "Runs shared a <2-core> machine." in md  # the build's --note, on both pages (escaped in HTML)
+    assert "Runs shared a &lt;2-core&gt; machine." in (board / "index.html").read_text()
     for track in ("digits", "cifar10-r20-cpu"):
         for kind in ("bitops", "size"):
             png = board / f"{track}-{kind}.png"

@@ -23,8 +23,10 @@ class Leaderboard:
     failed: list[dict[str, Any]]
 
 
-def build(runs: list[str | Path], out: str | Path) -> Leaderboard:
-    """Read every record under `runs`, aggregate, and write README.md, results.csv, index.html and plots."""
+def build(runs: list[str | Path], out: str | Path, note: str | None = None) -> Leaderboard:
+    """Read every record under `runs`, aggregate, and write README.md, results.csv, index.html and plots.
+
+    `note`: a paragraph for the reader (the machine the runs shared, known caveats), on both pages."""
     roots = [Path(r) for r in runs]
     for r in roots:
         if not r.is_dir():
@@ -43,8 +45,8 @@ def build(runs: list[str | Path], out: str | Path) -> Leaderboard:
             plot_track(rows, track, key, label, path)
             plots.setdefault(track, []).append(path)
     write_csv(rows, out / "results.csv")
-    atomic_write_text(out / "README.md", markdown(rows, failed, {t: [p.name for p in ps] for t, ps in plots.items()}, generated))
-    atomic_write_text(out / "index.html", html_page(rows, plots, generated))
+    atomic_write_text(out / "README.md", markdown(rows, failed, {t: [p.name for p in ps] for t, ps in plots.items()}, generated, note))
+    atomic_write_text(out / "index.html", html_page(rows, plots, generated, note))
     return Leaderboard(out, rows, ok_runs, failed)
 
 

@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from jinja2 import Environment, PackageLoader, select_autoescape
+from jinja2 import Environment, PackageLoader
 
 from .aggregate import METRIC, METRICS
 
@@ -36,7 +36,8 @@ MD_COLUMNS = ["method", "bits", "n", "int_top1", "int_top1_std", "int_top1_ci95"
               "train_bitops", "pretrain_bitops", "evals_or_samples", "wall_s", "model_size_kb", "inference_bitops", "avg_w_bits"]
 
 
-def markdown(rows: list[dict[str, Any]], failed: list[dict[str, Any]], plots: dict[str, list[str]], generated: str) -> str:
+def markdown(rows: list[dict[str, Any]], failed: list[dict[str, Any]], plots: dict[str, list[str]], generated: str,
+             note: str | None = None) -> str:
     out = ["# fqtbench leaderboard", "",
            f"Generated {generated} by `fqtbench leaderboard build` from local run records. Integer top-1 is measured "
            "by the shared integer engine on every method's exported IntModel; the simulated top-1 is the method's own "
@@ -45,6 +46,8 @@ def markdown(rows: list[dict[str, Any]], failed: list[dict[str, Any]], plots: di
            "their suite asked for. fp32 rows have no integer model: their 8-bit post-training-quantized integer "
            "accuracy is given as a reference. Training BitOPs are the method's own; methods that start from the "
            "track's fp32 network (ccea, bsq) also list that pretraining's BitOPs, paid once per seed.", ""]
+    if note:
+        out += [note, ""]
     for track in sorted({r["track"] for r in rows}):
         out += [f"## {track}", ""]
         head = [METRIC[c].title if c in METRIC else c for c in MD_COLUMNS]
@@ -119,8 +122,8 @@ def plot_track(rows: list[dict[str, Any]], track: str, x_key: str, x_label: str,
     plt.close(fig)
 
 
-def html_page(rows: list[dict[str, Any]], plot_files: dict[str, list[Path]], generated: str) -> str:
-    env = Environment(loader=PackageLoader("fqtbench.leaderboard", "templates"), autoescape=select_autoescape())
+def html_page(rows: list[dict[str, Any]], plot_files: dict[str, list[Path]], generated: str, note: str | None = None) -> str:
+    env = Environment(loader=PackageLoader("fqtbench.leaderboard", "templates"), autoescape=True)  # names come from plugins and configs: always escape
     cols = ["track", "method", "bits", "n"] + [c for c in MD_COLUMNS if c not in ("method", "bits", "n")]
     plots = []
     for track, files in sorted(plot_files.items()):
@@ -136,6 +139,6 @@ def html_page(rows: list[dict[str, Any]], plot_files: dict[str, list[Path]], gen
     headers = [{"key": c, "title": METRIC[c].title if c in METRIC else c,
                 "dir": "desc" if (METRIC.get(c) and METRIC[c].higher_is_better) else "asc"} for c in cols]
     return env.get_template("page.html.jinja").render(
-        headers=headers, rows=table, plots=plots, generated=generated,
+        headers=headers, rows=table, plots=plots, generated=generated, note=note,
         tracks=sorted({r["track"] for r in rows}), bits=sorted({r["bits"] for r in rows}),
     )
