@@ -12,7 +12,7 @@ from jinja2 import Environment, PackageLoader
 
 from .aggregate import METRIC, METRICS
 
-Y_SPAN = 10.0  # points below the best row that a plot's y-axis shows
+Y_SPAN = 15.0  # points below the best row that a plot's y-axis shows
 
 CSV_COLUMNS = ["track", "method", "bits", "n", "expected_n", "incomplete", "seeds"] + [m.key for m in METRICS]
 
