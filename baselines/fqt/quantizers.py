@@ -19,7 +19,8 @@ from typing import Literal
 from torch import Tensor
 
 from fqtbench.quant import QTensor, Quantizer
-from fqtbench.quant.householder import bhq_quantize, exact_zero_affine
+from fqtbench.quant.core import exact_zero_affine
+from fqtbench.quant.householder import bhq_quantize
 
 GradKind = Literal["ptq", "psq", "bhq"]
 Role = Literal["grad_input", "grad_weight"]

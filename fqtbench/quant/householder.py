@@ -1,4 +1,4 @@
-"""Block Householder quantization (BHQ) of a gradient, and the unbiased exact-zero affine quantizer.
+"""Block Householder quantization (BHQ) of a gradient (its per-row quantizer is core.exact_zero_affine).
 
 Chen et al., "A Statistical Framework for Low-bitwidth Training of Deep Neural Networks" (NeurIPS
 2020). A per-sample (per-row) quantizer of an N x D gradient wastes its levels when a few rows have
@@ -20,46 +20,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..engine.intrange import IntRange
-from .core import Granularity, QTensor, _reduce_dims, round_half_even
+from .core import QTensor, exact_zero_affine
 
 RANGE_EPS = 1e-8  # added to row ranges, relative to the largest one (zero rows must not divide by zero)
-
-
-def exact_zero_affine(
-    x: Tensor,
-    bits: int,
-    granularity: Granularity = "tensor",
-    stochastic: bool = False,
-    generator: torch.Generator | None = None,
-) -> QTensor:
-    """Affine codes over [min(x, 0), max(x, 0)] with 0.0 on an integer code and nothing clipped.
-
-    The zero point z is an integer in [1, 2^b - 2] and the scale is the smallest one that fits both
-    ends around it, s = max(-lo / z, hi / (L - z)), L = 2^b - 1. Since no value leaves [0, L],
-    stochastic rounding is exactly unbiased -- fixing the scale first and rounding the zero point
-    afterwards would clip the extremes by up to half a code. A tensor of one sign (where StatQuant's
-    per-tensor quantizer divides 0 by 0) simply leaves one code unused. Codes are returned centred
-    (q - z), in [-(2^b - 2), 2^b - 2].
-    """
-    if bits < 2:
-        raise ValueError(f"an exact-zero affine quantizer needs at least 2 bits, got {bits}")
-    levels = float((1 << bits) - 1)
-    red, var = _reduce_dims(x, granularity)
-    xd = x.detach()
-    tiny = torch.finfo(xd.dtype).tiny
-    neg_lo = (xd.amin(dim=red, keepdim=True) if red else xd).clamp_max(0.0).neg_()
-    hi = (xd.amax(dim=red, keepdim=True) if red else xd).clamp_min(0.0)
-    z = (neg_lo / ((hi + neg_lo) / levels).clamp_min(tiny)).round_().clamp_(1.0, levels - 1)
-    scale = torch.maximum(neg_lo / z, hi / (levels - z)).clamp_min(tiny)
-    # one full-size buffer, updated in place: allocating several per call dominated large tensors
-    if stochastic:
-        q = torch.rand(xd.shape, dtype=xd.dtype, device=xd.device, generator=generator)
-        q.addcmul_(xd, scale.reciprocal()).add_(z).floor_()  # floor(x / s + z + u), u ~ U[0, 1)
-    else:
-        q = torch.addcmul(z, xd, scale.reciprocal()).round_()
-    q.clamp_(0.0, levels).sub_(z)  # the clamp only absorbs float rounding of x / s
-    return QTensor(q, scale, IntRange.symmetric(int(levels)), bits, var)
 
 
 @dataclass
