@@ -67,7 +67,7 @@ def run(
     Precedence of settings: defaults < track < method defaults < --config < --set.
     """
     from .config import resolve
-    from .harness.runner import execute
+    from .harness.runner import execute, is_rank_zero
 
     if wandb is not None and wandb not in ("online", "offline", "disabled"):
         raise UserError(f"--wandb={wandb!r}: allowed: online, offline, disabled")
@@ -80,6 +80,9 @@ def run(
         from .harness.runner import prepare_resume
 
         shown, _ = prepare_resume(cfg)
+    if not is_rank_zero():  # an extra DDP rank: rank 0 reports
+        execute(cfg)
+        return
     err_console.print(f"[bold]fqtbench run[/] {shown.method} on {shown.track} (seed {shown.seed}, exec {shown.exec}, "
                       f"backend {shown.engine.backend})" + (f", resuming {resume}" if resume is not None else ""))
     record, path = execute(cfg, on_event=lambda stage: err_console.print(f"  [dim]{stage}...[/]"))
@@ -211,6 +214,9 @@ def suite(
     gpus: int = typer.Option(0, help="GPUs per job (slurm executor); a run can use them with trainer.devices."),
     cpus_per_task: Optional[int] = typer.Option(None, help="CPUs per SLURM task."),
     array_parallelism: int = typer.Option(16, help="At most this many SLURM array jobs at once."),
+    nodes: int = typer.Option(1, min=1, help="Nodes per job (slurm executor); match the runs' trainer.num_nodes."),
+    tasks_per_node: int = typer.Option(1, min=1, help="Tasks (DDP processes) per node (slurm executor); match the "
+                                                      "runs' trainer.devices. Lightning reads the ranks from SLURM."),
 ):
     """Run a grid of methods x tracks x settings x seeds; cells with an ok record are skipped.
 
@@ -245,7 +251,8 @@ def suite(
         run_local(cells, out, jobs, on_done)
     else:
         slurm = {"timeout_min": time_min, "slurm_partition": partition, "gpus_per_node": gpus or None,
-                 "cpus_per_task": cpus_per_task, "slurm_array_parallelism": array_parallelism}
+                 "cpus_per_task": cpus_per_task, "slurm_array_parallelism": array_parallelism,
+                 "nodes": nodes, "tasks_per_node": tasks_per_node}
         run_submitit(cells, out, "slurm" if executor == "slurm" else "local", slurm, on_done)
     _suite_table(cells, title=f"suite {spec.name}: {_time.time() - t0:.0f} s")
     failed = [c for c in cells if c.status.startswith("failed") or c.status == "interrupted"]

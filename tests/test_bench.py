@@ -31,6 +31,15 @@ def test_bench_ccea_compares_naive_and_batched_paths(cli):
     assert row["speed-up"] == pytest.approx(row["batched+incremental evals/s"] / row["naive evals/s"], rel=1e-9)
 
 
+def test_bench_ccea_ranks_compares_one_and_two_processes(cli):
+    doc = _bench(cli, "ccea", "--ranks", "2", "--models", "cnn-s", "--batch", "16", "--pop", "3", "--repeat", "1")
+    (row,) = doc["rows"]
+    assert row["model"] == "cnn-s" and row["threads/process"] == 1
+    assert row["1 process evals/s"] > 0 and row["2 processes evals/s"] > 0
+    assert row["speed-up"] == pytest.approx(row["2 processes evals/s"] / row["1 process evals/s"], rel=1e-9)
+    assert "sharded fitness checked identical to the whole batch's" in doc["notes"]
+
+
 def test_bench_refuses_an_unknown_model(cli):
     code, out, err = cli("bench", "ccea", "--models", "vgg99")
     assert code == 2 and "vgg99" in err and err.count("\n") <= 1

@@ -137,6 +137,10 @@ class BSQModule(FQTModule):
             for bw in self.bit_layers.values():
                 bw.to_float()
         self.trainer.strategy.setup_optimizers(self.trainer)  # new parameters; momentum lost, as in the paper
+        strategy = self.trainer.strategy
+        if self.trainer.world_size > 1 and hasattr(strategy, "configure_ddp"):
+            strategy.model = self  # DDP wraps the new bit-planes (its gradient buckets are built once per wrap)
+            strategy.configure_ddp()
 
     def on_train_end(self) -> None:
         if self.phase == "bsq":  # stopped before fine-tuning (finetune_epochs 0, max_steps, max_time)

@@ -37,6 +37,8 @@ VAL_STREAM = 0xEB5  # seed stream of the validation batches drawn for the streng
 class EBSModule(FQTModule):
     """Search, decide, retrain (see the module docstring); `record_extra` reports both phases."""
 
+    ddp_find_unused_parameters = True  # the strengths take no gradient once the retrain phase starts
+
     def __init__(self, model, cfg: ResolvedConfig, space: SearchSpace, target: float, reference_bitops: int,
                  val_split: tuple[Tensor, Tensor] | None):
         super().__init__(model, cfg)

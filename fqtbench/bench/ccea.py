@@ -9,6 +9,9 @@ does, so the ratio is an average over where the active group sits.
 
 from __future__ import annotations
 
+import os
+import socket
+
 import torch
 import typer
 
@@ -75,6 +78,74 @@ def measure(name: str, backend, batch: int, pop: int, group: int, repeat: int) -
     }
 
 
+def _rank_worker(rank: int, world: int, port: int, name: str, backend_name: str, batch: int, pop: int, group: int,
+                 repeat: int, threads: int, results) -> None:
+    """One process of sharded CC-EA evaluation: every candidate on this rank's share of the batch
+    (samples rank, rank+world, ...), then one all-reduce of the integer fitness terms, as
+    `CCEAModule.sum_over_ranks` does in a run."""
+    import torch.distributed as dist
+
+    from fqtbench import registry
+    from fqtbench_methods.ccea.search import fitness_terms
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(threads)
+        be = registry.backends.get(backend_name)
+        im, info = quantized_int_model(name)  # identical on every rank (fixed seeds)
+        g = torch.Generator().manual_seed(0)
+        x = torch.randint(0, info.pixel_max + 1, (batch, info.in_channels, *info.image_size), dtype=torch.uint8, generator=g)
+        y = torch.randint(0, info.num_classes, (batch,), generator=g)
+        pops = {node: candidates(im, node, pop, group, g) for node in im.gemm_nodes}
+        xs, ys = x[rank::world], y[rank::world]
+
+        def all_layers():
+            for node in im.gemm_nodes:
+                terms = fitness_terms(im.forward_population(xs, be, node, pops[node]), ys, 32, "accuracy_margin")
+                dist.all_reduce(terms)
+
+        for node in (im.gemm_nodes[0], im.gemm_nodes[-1]):  # the shares add up to the whole batch exactly
+            terms = fitness_terms(im.forward_population(xs, be, node, pops[node]), ys, 32, "accuracy_margin")
+            dist.all_reduce(terms)
+            whole = fitness_terms(im.forward_population(x, be, node, pops[node]), y, 32, "accuracy_margin")
+            assert torch.equal(terms, whole), f"sharded fitness differs from the whole batch's at node {node}"
+        dist.barrier()
+        t = time_call(all_layers, warmup=1, repeat=repeat)
+        if rank == 0:
+            results.put(pop * len(im.gemm_nodes) / t)
+    finally:
+        dist.destroy_process_group()
+
+
+def measure_ranks(name: str, backend_name: str, batch: int, pop: int, group: int, repeat: int, ranks: int, threads: int) -> dict:
+    """Sharded evaluations per second with 1 and with `ranks` processes (`threads` torch threads each)."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    rates = {}
+    for world in (1, ranks):
+        results = ctx.Queue()
+        mp.start_processes(_rank_worker, args=(world, _free_port(), name, backend_name, batch, pop, group, repeat, threads, results),
+                           nprocs=world, join=True, start_method="spawn")
+        rates[world] = results.get()
+    return {
+        "model": name,
+        "batch": batch,
+        "candidates": pop,
+        "threads/process": threads,
+        "1 process evals/s": rates[1],
+        f"{ranks} processes evals/s": rates[ranks],
+        "speed-up": rates[ranks] / rates[1],
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def _with_weight(im, node, w):
     c = im.clone()
     c.set_weight(node, w)
@@ -89,15 +160,31 @@ def bench_ccea(
     pop: int = typer.Option(9, help="Candidates per generation (pop_size + the context)."),
     group: int = typer.Option(32, help="Weights per active group."),
     repeat: int = typer.Option(3, help="Timed repetitions (median)."),
-    threads: int = typer.Option(0, help="torch threads (0: torch's default)."),
+    threads: int = typer.Option(0, help="torch threads (0: torch's default; with --ranks: per process, default 1)."),
+    ranks: int = typer.Option(1, help="With N > 1: sharded evaluation (each process takes its share of the "
+                                      "mini-batch) on 1 and on N processes, instead of naive vs batched."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ):
-    """Fitness evaluations per second: naive (full forward per candidate) vs batched + incremental."""
+    """Fitness evaluations per second: naive (full forward per candidate) vs batched + incremental,
+    or with --ranks N, batched + incremental on 1 process vs N processes (torch.distributed, gloo)."""
     from .. import registry
+    from ..errors import UserError
 
+    be = registry.backends.get(backend)
+    names = [m.strip() for m in models.split(",") if m.strip()]
+    for m in names:
+        shape_info(m)
+    if ranks < 1:
+        raise UserError(f"--ranks={ranks}: must be at least 1")
+    if ranks > 1:
+        rows = [measure_ranks(m, backend, batch, pop, group, repeat, ranks, threads or 1) for m in names]
+        emit(f"CC-EA sharded fitness evaluation: 1 vs {ranks} processes", rows, json_out,
+             notes=[f"each process evaluates every candidate on 1/{ranks} of the batch, then all-reduces the "
+                    "integer fitness terms; expect at most ~Nx, and only with N free cores",
+                    "sharded fitness checked identical to the whole batch's"])
+        return
     if threads:
         torch.set_num_threads(threads)
-    be = registry.backends.get(backend)
-    rows = [measure(m.strip(), be, batch, pop, group, repeat) for m in models.split(",") if m.strip()]
+    rows = [measure(m, be, batch, pop, group, repeat) for m in names]
     emit("CC-EA fitness evaluation throughput", rows, json_out,
          notes=["target: batched+incremental >= 5x naive on resnet20", "both paths checked bit-identical on every layer"])

@@ -180,10 +180,12 @@ def default_cache_dir(cfg: Any) -> Path:
 
 
 class _BatchRef(NamedTuple):
-    """What the sampler hands the dataset: the sample indices of one batch and its augmentation seed."""
+    """What the sampler hands the dataset: the sample indices of one batch, its augmentation seed,
+    and under data parallelism this process's share (rank, world): samples rank, rank+world, ..."""
 
     indices: torch.Tensor
     aug_seed: int | None
+    shard: tuple[int, int] | None = None
 
 
 class _BatchSampler(Sampler):
@@ -192,12 +194,18 @@ class _BatchSampler(Sampler):
     Shuffling uses a torch.Generator seeded from (run seed, epoch); the augmentation seed of each
     batch is derived from (run seed, epoch, batch number), so batches are identical for a given seed
     whatever num_workers is. The epoch advances on every pass and Lightning's set_epoch overrides it.
+
+    With ``shard=(rank, world)`` (data-parallel training) every process walks the same global
+    batches and keeps its own share of each, so the global batch of a step is exactly the
+    single-process batch: `batch_size` stays the global batch size.
     """
 
     def __init__(self, n: int, batch_size: int, *, seed: int = 0, shuffle: bool = False,
-                 augment: bool = False, drop_small_last: bool = False, limit: int | None = None):
+                 augment: bool = False, drop_small_last: bool = False, limit: int | None = None,
+                 shard: tuple[int, int] | None = None):
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.shuffle, self.augment, self.limit = shuffle, augment, limit
+        self.shard = shard if shard is not None and shard[1] > 1 else None
         self.epoch = 0
         full, rest = divmod(n, batch_size)
         # Drop a final batch smaller than half a batch (noisy, tiny gradient step), but never all batches.
@@ -222,7 +230,7 @@ class _BatchSampler(Sampler):
             order = torch.arange(self.n)
         for b in range(self.num_batches):
             idx = order[b * self.batch_size : (b + 1) * self.batch_size].clone()  # own storage: cheap to send to workers
-            yield _BatchRef(idx, mix_seed(self.seed, epoch, b, 1) if self.augment else None)
+            yield _BatchRef(idx, mix_seed(self.seed, epoch, b, 1) if self.augment else None, self.shard)
 
 
 class TensorDataset(Dataset):
@@ -236,10 +244,16 @@ class TensorDataset(Dataset):
         return len(self.x)
 
     def __getitem__(self, ref: _BatchRef) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.x.index_select(0, ref.indices)
-        y = self.y.index_select(0, ref.indices)
-        if ref.aug_seed is not None and self.augment is not None:
+        augmenting = ref.aug_seed is not None and self.augment is not None
+        indices = ref.indices
+        if ref.shard is not None and not augmenting:
+            indices = indices[ref.shard[0] :: ref.shard[1]]
+        x = self.x.index_select(0, indices)
+        y = self.y.index_select(0, indices)
+        if augmenting:  # augment the whole global batch, then cut the share: the same crops as one process
             x = self.augment(x, torch.Generator().manual_seed(ref.aug_seed))
+            if ref.shard is not None:
+                x, y = x[ref.shard[0] :: ref.shard[1]], y[ref.shard[0] :: ref.shard[1]]
         return x, y
 
 
@@ -278,8 +292,16 @@ class FQTDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         sampler = _BatchSampler(len(self.train_set), self.batch_size, seed=self.seed, shuffle=True,
-                                augment=self.train_set.augment is not None, drop_small_last=True)
+                                augment=self.train_set.augment is not None, drop_small_last=True,
+                                shard=self._shard())
         return self._loader(self.train_set, sampler)
+
+    def _shard(self) -> tuple[int, int] | None:
+        """(rank, world size) of the Trainer this module is attached to, under data parallelism."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or trainer.world_size <= 1:
+            return None
+        return int(trainer.global_rank), int(trainer.world_size)
 
     def _eval_loader(self, dataset: TensorDataset) -> DataLoader:
         return self._loader(dataset, _BatchSampler(len(dataset), self.eval_batch_size))

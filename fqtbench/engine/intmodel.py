@@ -282,7 +282,7 @@ class IntModel:
             "meta": self.meta,
             "nodes": [{"op": n.op, "inputs": n.inputs, "attrs": n.attrs, "tensors": sorted(n.tensors)} for n in self.nodes],
         }
-        tensors = {f"{i}.{k}": t for i, n in enumerate(self.nodes) for k, t in n.tensors.items()}
+        tensors = {f"{i}.{k}": t.cpu() for i, n in enumerate(self.nodes) for k, t in n.tensors.items()}
         return {"spec": json.dumps(spec), "tensors": tensors}
 
     def save(self, path: str | Path) -> None:
@@ -311,6 +311,22 @@ class IntModel:
     def clone(self) -> "IntModel":
         nodes = [Node(n.op, list(n.inputs), dict(n.attrs), {k: t.clone() for k, t in n.tensors.items()}) for n in self.nodes]
         return IntModel(nodes, json.loads(json.dumps(self.meta)))
+
+    @property
+    def device(self) -> torch.device:
+        for n in self.nodes:
+            for t in n.tensors.values():
+                return t.device
+        return torch.device("cpu")
+
+    def to(self, device: torch.device | str) -> "IntModel":
+        """Move every integer tensor to `device` (in place; returns self). Prepared weights are rebuilt."""
+        device = torch.device(device)
+        if device != self.device:
+            for n in self.nodes:
+                n.tensors = {k: t.to(device) for k, t in n.tensors.items()}
+            self._prepared = {}
+        return self
 
     def set_weight(self, i: int, codes: Tensor) -> None:
         """Replace one GEMM node's weight codes (same shape and declared range)."""

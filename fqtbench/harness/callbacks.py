@@ -77,16 +77,17 @@ class CostMeter(pl.Callback):
         if trainer.world_size <= 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
             return
         keys = sorted(set(self.total.macs) | set(cost.ROLES))
-        vec = torch.tensor(
+        vec = torch.tensor(  # int64: exact (BitOPs pass 2^53 on CIFAR), and gloo sums int64
             [self.total.macs.get(k, 0) for k in keys] + [self.total.bitops.get(k, 0) for k in keys] + [self.samples],
-            dtype=torch.float64,
+            dtype=torch.int64,
         )
         torch.distributed.all_reduce(vec)
         n = len(keys)
         self.total = cost.CostTally()
         for i, k in enumerate(keys):
-            self.total.macs[k] = int(vec[i])
-            self.total.bitops[k] = int(vec[n + i])
+            if int(vec[i]):  # roles no rank used stay absent, as in a single-process tally
+                self.total.macs[k] = int(vec[i])
+                self.total.bitops[k] = int(vec[n + i])
         self.samples = int(vec[-1])
 
     # checkpoints -----------------------------------------------------------------------------

@@ -7,6 +7,7 @@ the ending: ``ok``, ``failed: <reason>`` or ``interrupted`` (Ctrl-C).
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import os
 import secrets
 import signal
@@ -50,6 +51,39 @@ def new_run_id(cfg: ResolvedConfig, bits_tag: str) -> str:
     return f"{cfg.method}-{cfg.track}-{bits_tag}-s{cfg.seed}-{stamp}-{secrets.token_hex(2)}"
 
 
+# Lightning's DDP launcher re-runs the command line once per extra local rank with this process's
+# environment; the launching process leaves its run id here so every rank uses the same run folder.
+RUN_ID_ENV = "FQTBENCH_RUN_ID"
+
+
+def is_rank_zero() -> bool:
+    """True in the process that owns the run record and the W&B run (global rank 0, or no DDP)."""
+    if "RANK" in os.environ:  # torchrun
+        return int(os.environ["RANK"]) == 0
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ:  # srun, one task per rank
+        return int(os.environ["SLURM_PROCID"]) == 0
+    return int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
+
+
+def shared_run_id(cfg: ResolvedConfig, bits_tag: str) -> str:
+    """The run id of this run in every process of a multi-process launch.
+
+    - a rank started by Lightning's launcher inherits the id from its parent (RUN_ID_ENV);
+    - ranks started independently by torchrun or srun derive it from the launch's own id
+      (TORCHELASTIC_RUN_ID / SLURM_JOB_ID), identical in all of them;
+    - otherwise a fresh id.
+    """
+    if not is_rank_zero() and os.environ.get(RUN_ID_ENV):
+        return os.environ[RUN_ID_ENV]
+    launch = os.environ.get("TORCHELASTIC_RUN_ID") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+    if launch is None and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        launch = f"{os.environ.get('SLURM_JOB_ID', '0')}.{os.environ.get('SLURM_STEP_ID', '0')}"
+    if launch and launch != "none":
+        tag = hashlib.sha1(launch.encode()).hexdigest()[:4]
+        return f"{cfg.method}-{cfg.track}-{bits_tag}-s{cfg.seed}-launch-{tag}"
+    return new_run_id(cfg, bits_tag)
+
+
 def quiet_libraries() -> None:
     """Lightning's tips and warnings about things fqtbench decides on purpose."""
     import logging
@@ -67,6 +101,8 @@ def quiet_libraries() -> None:
         ".*isinstance.*treespec.*",
         # gradient-free modules step by hand; their checkpoint holds the state after a whole generation, as intended
         ".*ModelCheckpoint with manual optimization.*",
+        # under DDP every rank validates the whole split (the datamodule shards training batches only)
+        ".*when logging on epoch level in distributed setting.*",
     ):
         warnings.filterwarnings("ignore", message=msg)
 
@@ -101,10 +137,12 @@ def execute(cfg: ResolvedConfig, on_event: Callable[[str], None] | None = None) 
         if resume_ckpt is None:
             raise ConfigError(f"resume={cfg.resume!r}: no checkpoints/last.ckpt to resume from")
     else:
-        run_id = new_run_id(cfg, method.bits_tag(cfg))
+        run_id = shared_run_id(cfg, method.bits_tag(cfg))
         run_dir = Path(cfg.out) / run_id
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_resolved(cfg, run_dir / CONFIG_NAME)
+    rank_zero = is_rank_zero()
+    if rank_zero:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_resolved(cfg, run_dir / CONFIG_NAME)
 
     versions, host = environment()
     record = RunRecord(
@@ -122,12 +160,14 @@ def execute(cfg: ResolvedConfig, on_event: Callable[[str], None] | None = None) 
         host=host,
         started_at=_now(),
     )
-    is_rank_zero = int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
     record_path = run_dir / RECORD_NAME
-    if is_rank_zero:
+    if rank_zero:
         record.write(run_dir)
-    tracker = Tracker(cfg, run_dir, run_id, group=f"{cfg.track}/{record.bits_tag}", job_type=method.name) if is_rank_zero else None
+    tracker = Tracker(cfg, run_dir, run_id, group=f"{cfg.track}/{record.bits_tag}", job_type=method.name) if rank_zero else None
     trainer = None
+    inherited = os.environ.get(RUN_ID_ENV)
+    if rank_zero:
+        os.environ[RUN_ID_ENV] = run_id  # for the ranks Lightning's launcher starts from this process
     try:
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
         say("data")
@@ -135,12 +175,12 @@ def execute(cfg: ResolvedConfig, on_event: Callable[[str], None] | None = None) 
         model = registry.models.get(cfg.model.name).build(data.info, **cfg.model.options)
         module = method.build(model, cfg, data)
         meter = CostMeter()
-        trainer = make_trainer(cfg, run_dir, meter, tracker.logger if tracker else None)
+        trainer = make_trainer(cfg, run_dir, meter, tracker.logger if tracker else None, module)
         say("train")
         trainer.fit(module, datamodule=data, ckpt_path=resume_ckpt)
         if trainer.interrupted:
             raise KeyboardInterrupt
-        if not trainer.is_global_zero:
+        if not trainer.is_global_zero:  # rank 0 evaluates and writes the record
             return record, record_path
         say("evaluate")
         result = evaluate_run(method, module, cfg, data)
@@ -154,26 +194,32 @@ def execute(cfg: ResolvedConfig, on_event: Callable[[str], None] | None = None) 
         record.status = "ok"
     except (KeyboardInterrupt, SystemExit) as exc:
         if isinstance(exc, SystemExit) and not (trainer is not None and trainer.interrupted):
-            _finish(record, record_path, tracker, f"failed: exited with code {exc.code}", is_rank_zero)
+            _finish(record, record_path, tracker, f"failed: exited with code {exc.code}", rank_zero)
             raise
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        _finish(record, record_path, tracker, "interrupted", is_rank_zero)
+        _finish(record, record_path, tracker, "interrupted", rank_zero)
         raise RunInterrupted(f"interrupted; record at {record_path}") from None
     except UserError as exc:
-        _finish(record, record_path, tracker, f"failed: {exc}", is_rank_zero)
+        _finish(record, record_path, tracker, f"failed: {exc}", rank_zero)
         raise
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [""])[0]
-        _finish(record, record_path, tracker, f"failed: {type(exc).__name__}: {first}", is_rank_zero)
+        _finish(record, record_path, tracker, f"failed: {type(exc).__name__}: {first}", rank_zero)
         raise RunFailed(f"run failed: {type(exc).__name__}: {first} (record: {record_path})") from exc
-    _finish(record, record_path, tracker, "ok", is_rank_zero)
+    finally:
+        if rank_zero:
+            if inherited is None:
+                os.environ.pop(RUN_ID_ENV, None)
+            else:
+                os.environ[RUN_ID_ENV] = inherited
+    _finish(record, record_path, tracker, "ok", rank_zero)
     return record, record_path
 
 
-def _finish(record: RunRecord, path: Path, tracker: Tracker | None, status: str, is_rank_zero: bool) -> None:
+def _finish(record: RunRecord, path: Path, tracker: Tracker | None, status: str, rank_zero: bool) -> None:
     record.status = status
     record.finished_at = _now()
-    if not is_rank_zero:
+    if not rank_zero:
         return
     record.write(path.parent)
     if tracker is not None:
@@ -183,7 +229,7 @@ def _finish(record: RunRecord, path: Path, tracker: Tracker | None, status: str,
             print(f"warning: W&B could not finish the run: {exc}", file=sys.stderr)
 
 
-def make_trainer(cfg: ResolvedConfig, run_dir: Path, meter: CostMeter, logger) -> pl.Trainer:
+def make_trainer(cfg: ResolvedConfig, run_dir: Path, meter: CostMeter, logger, module: pl.LightningModule | None = None) -> pl.Trainer:
     from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
 
     t = cfg.trainer
@@ -204,6 +250,7 @@ def make_trainer(cfg: ResolvedConfig, run_dir: Path, meter: CostMeter, logger) -
     if t.max_time_s:
         max_time = _dt.timedelta(seconds=t.max_time_s)
     accel = "gpu" if t.accelerator == "cuda" else t.accelerator
+    strategy = ddp_strategy_for(module, t.strategy)
     return pl.Trainer(
         max_epochs=t.max_epochs,
         max_steps=t.max_steps,
@@ -211,7 +258,7 @@ def make_trainer(cfg: ResolvedConfig, run_dir: Path, meter: CostMeter, logger) -
         accelerator=accel,
         devices=t.devices,
         num_nodes=t.num_nodes,
-        strategy=t.strategy,
+        strategy=strategy,
         deterministic=t.deterministic,
         logger=logger if logger is not None else False,
         callbacks=callbacks,
@@ -221,8 +268,39 @@ def make_trainer(cfg: ResolvedConfig, run_dir: Path, meter: CostMeter, logger) -
         check_val_every_n_epoch=t.check_val_every_n_epoch,
         log_every_n_steps=t.log_every_n_steps,
         default_root_dir=str(run_dir),
-        use_distributed_sampler=True,
+        # the datamodule shards each global batch itself (fqtbench.data.base), so that a run on N
+        # processes sees exactly the single-process batches, and gradient-free methods can split them
+        use_distributed_sampler=False,
     )
+
+
+def ddp_strategy_for(module: pl.LightningModule | None, strategy: str):
+    """`trainer.strategy=ddp` adapted to the method, so users never pick DDP variants by hand:
+    gradient-free modules get DDP without the gradient wrapper; modules whose parameters go unused
+    in some phase (EBS's strengths after the search) declare `ddp_find_unused_parameters = True`."""
+    if strategy != "ddp" or module is None:
+        return strategy
+    if not any(p.requires_grad for p in module.parameters()):
+        return gradient_free_ddp()
+    if getattr(module, "ddp_find_unused_parameters", False):
+        return "ddp_find_unused_parameters_true"
+    return strategy
+
+
+def gradient_free_ddp():
+    """Lightning's DDP strategy without the DistributedDataParallel wrapper, for gradient-free methods.
+
+    The processes, the launcher and torch.distributed are Lightning's own; there are just no
+    gradients to synchronise (DistributedDataParallel refuses a module without trainable
+    parameters). The module all-reduces what it needs itself (CC-EA: its integer fitness terms).
+    """
+    from pytorch_lightning.strategies import DDPStrategy
+
+    class GradientFreeDDPStrategy(DDPStrategy):
+        def _setup_model(self, model):
+            return model
+
+    return GradientFreeDDPStrategy()
 
 
 __all__ = ["execute", "make_trainer", "new_run_id", "RunFailed", "RunInterrupted", "CONFIG_NAME"]

@@ -10,7 +10,7 @@ from fqtbench.engine.intmodel import IntModel
 from fqtbench.engine.requant import requantize
 
 from .population import population_logits
-from .search import SearchConfig, SearchState, fitness
+from .search import SearchConfig, SearchState, fitness_from_terms, fitness_terms
 from .start import Start
 
 
@@ -48,6 +48,7 @@ class CCEAModule(GradientFreeModule):
     def evolve(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, int]:
         """One cooperative-coevolution cycle on the mini-batch (x, y); integer ops only."""
         st, c, im = self.state, self.scfg, self.int_model
+        self.follow(x.device)
         li = st.pick_layer(c)
         layer = st.layers[li]
         idx = st.group(li, c)
@@ -55,12 +56,15 @@ class CCEAModule(GradientFreeModule):
         flat = st.context(im, li).reshape(1, -1).repeat(c.pop_size + 1, 1)  # row 0: the context
         flat[1:, idx] = cand
         weights, biases = st.split(li, flat)
-        weights = weights.to(im.nodes[layer.node].tensors["weight"].dtype)
+        weights = weights.to(x.device, im.nodes[layer.node].tensors["weight"].dtype)
+        biases = biases.to(x.device) if biases is not None else None
         logits = population_logits(im, x, self.backend, layer.node, weights, biases, cost_role="fitness")
         target = None
         if self.teacher is not None:  # the integer teacher's logits on this batch, on the student's scale
             target = requantize(self.teacher.forward(x, self.backend, cost_role="fitness"), self.teacher_rescale)
-        fit, correct = fitness(logits, y, self.margin_clip, self.cfg.params.fitness, target)
+        terms = fitness_terms(logits, y, self.margin_clip, self.cfg.params.fitness, target)
+        terms, n = self.sum_over_ranks(terms.cpu(), int(y.numel()))
+        fit, correct = fitness_from_terms(terms, n, self.margin_clip, self.cfg.params.fitness)
         order = torch.argsort(-fit, stable=True)  # ties: the context (row 0) first, then sampling order
         elite = order[: c.elite]
         st.update(li, idx, flat[elite][:, idx], c)
@@ -87,6 +91,29 @@ class CCEAModule(GradientFreeModule):
             "improved": int(improved),
         }
 
+    def follow(self, device: torch.device) -> None:
+        """Keep the integer model(s) on the device of the batches (the EDA state stays on the CPU)."""
+        self.int_model.to(device)
+        if self.teacher is not None:
+            self.teacher.to(device)
+
+    def on_train_end(self):
+        self.follow(torch.device("cpu"))  # the shared evaluation runs on the CPU
+
+    def sum_over_ranks(self, terms: torch.Tensor, n: int) -> tuple[torch.Tensor, int]:
+        """Sharded CC-EA: each rank evaluated every candidate on its share of the global mini-batch
+        (the datamodule's shard); the integer fitness terms and sample counts add up exactly, so
+        every rank applies the same update as a single process on the whole batch would."""
+        dist = torch.distributed
+        if self._trainer is None or self.trainer.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
+            return terms, n
+        packed = torch.cat([terms.reshape(-1), torch.tensor([n], dtype=torch.int64)])
+        if dist.get_backend() == "nccl":  # NCCL reduces device tensors only
+            packed = packed.to(self.device)
+        dist.all_reduce(packed)
+        packed = packed.cpu()
+        return packed[:-1].reshape(terms.shape), int(packed[-1])
+
     def on_train_batch_end(self, outputs, batch, batch_idx):
         if self.state.generation % 50 == 0:  # a light global summary for W&B
             conf = torch.cat([l.confidence() for l in self.state.layers])
@@ -95,6 +122,7 @@ class CCEAModule(GradientFreeModule):
     # ---- evaluation --------------------------------------------------------------------------
     def validation_step(self, batch, batch_idx):
         x, y = batch
+        self.follow(x.device)
         pred = self.int_model.predict(x, self.backend)
         self.log("val/top1", float((pred == y).sum()) * 100.0 / len(y), on_epoch=True, prog_bar=True, batch_size=len(y))
 

@@ -120,10 +120,10 @@ class SearchState:
         """(n,) int64: the current codes of layer `li`'s variables in `model` (weights, then bias offsets)."""
         layer = self.layers[li]
         nd = model.nodes[layer.node]
-        w = nd.tensors["weight"].reshape(-1).to(torch.int64)
+        w = nd.tensors["weight"].reshape(-1).to("cpu", torch.int64)  # the search state lives on the CPU
         if layer.bias0 is None:
             return w
-        return torch.cat([w, (nd.tensors["bias"].to(torch.int64) - layer.bias0) // layer.bias_step])
+        return torch.cat([w, (nd.tensors["bias"].to("cpu", torch.int64) - layer.bias0) // layer.bias_step])
 
     def split(self, li: int, codes: Tensor) -> tuple[Tensor, Tensor | None]:
         """Candidate codes (P, n) -> weight codes (P, *shape) and integer biases (P, Cout) or None."""
@@ -234,25 +234,41 @@ def bias_step(model, node: int) -> Tensor:
     raise ValueError(f"GEMM node {node} has no requantizing consumer: its bias cannot be searched")
 
 
-def fitness(logits: Tensor, y: Tensor, margin_clip: int, kind: str, target: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Integer fitness of each candidate: (fitness (P,), correct (P,)) for logits (P, N, C).
-
-    `accuracy_margin`: correct predictions first, ties broken by the sum of clipped margins
-    (true-class logit minus the largest other, clipped to +-margin_clip), packed into one int64.
-    `margin`: the clipped-margin sum alone (an integer hinge surrogate of the loss).
-    `distill`: minus the L1 distance to `target`, the integer logits (N, C) of the 8-bit integer
-    teacher on the same batch, on the candidates' logit scale.
-    """
+def fitness_terms(logits: Tensor, y: Tensor, margin_clip: int, kind: str, target: Tensor | None = None) -> Tensor:
+    """(P, 3) int64 per-candidate sums over the batch: correct predictions, clipped margins, and
+    the L1 distance to `target`. Sums, so that the terms of a batch split across processes add up
+    exactly to the terms of the whole batch (sharded CC-EA all-reduces them)."""
     logits = logits.to(torch.int64)
-    if kind == "distill":
-        correct = (logits.argmax(dim=2) == y.view(1, -1)).sum(dim=1)
-        return -(logits - target.unsqueeze(0)).abs().sum(dim=(1, 2)), correct
     p, n, c = logits.shape
+    correct = (logits.argmax(dim=2) == y.view(1, n)).sum(dim=1)
+    zero = torch.zeros_like(correct)
+    if kind == "distill":
+        return torch.stack([correct, zero, (logits - target.unsqueeze(0)).abs().sum(dim=(1, 2))], dim=1)
     yy = y.view(1, n, 1).expand(p, n, 1)
     true = logits.gather(2, yy).squeeze(2)
     other = logits.scatter(2, yy, torch.iinfo(torch.int64).min).amax(dim=2)
     margin = (true - other).clamp(-margin_clip, margin_clip).sum(dim=1)
-    correct = (logits.argmax(dim=2) == y.view(1, n)).sum(dim=1)
+    return torch.stack([correct, margin, zero], dim=1)
+
+
+def fitness_from_terms(terms: Tensor, n: int, margin_clip: int, kind: str) -> tuple[Tensor, Tensor]:
+    """Integer fitness (P,) and correct counts (P,) from the summed terms of a batch of `n` samples.
+
+    `accuracy_margin`: correct predictions first, ties broken by the sum of clipped margins
+    (true-class logit minus the largest other, clipped to +-margin_clip), packed into one int64.
+    `margin`: the clipped-margin sum alone (an integer hinge surrogate of the loss).
+    `distill`: minus the L1 distance to the integer logits of the 8-bit integer teacher on the
+    same batch, on the candidates' logit scale.
+    """
+    correct, margin, l1 = terms.unbind(dim=1)
+    if kind == "distill":
+        return -l1, correct
     if kind == "margin":
         return margin, correct
     return correct * (2 * n * margin_clip + 1) + margin, correct
+
+
+def fitness(logits: Tensor, y: Tensor, margin_clip: int, kind: str, target: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Integer fitness of each candidate: (fitness (P,), correct (P,)) for logits (P, N, C) on one batch."""
+    terms = fitness_terms(logits, y, margin_clip, kind, target)
+    return fitness_from_terms(terms, int(y.numel()), margin_clip, kind)
