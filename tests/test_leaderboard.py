@@ -58,6 +58,10 @@ def runs(tmp_path_factory) -> Path:
     bad = _record("digits", "qat@1", "w4a4", 3, 1.0, 1.0)
     bad.status, bad.config_hash = "failed: loss is NaN at step 12", "digits-qat-w4a4-3"
     bad.write(root / "failed-run")
+    # an interrupted first attempt of a cell that a re-run then finished: history, not an open failure
+    earlier = _record("digits", "qat@1", "w4a4", 1, 2.0, 2.0)
+    earlier.status, earlier.finished_at = "interrupted", "2026-11-30T23:59:59"
+    earlier.write(root / "interrupted-then-rerun")
     # the suite asked for 3 seeds of ccea: its row must be marked incomplete
     cells = [{"method": m.split("@")[0], "track": t, "seed": sd, "setting": {"bits": b}, "config_hash": f"{t}-{m.split('@')[0]}-{b}-{sd}"}
              for (t, m, b, sd) in ACCURACY if t == "digits"]
@@ -122,6 +126,7 @@ def test_incomplete_rows_and_failed_runs_are_marked(board):
     assert got[("digits", "qat@1", "w4a4")]["incomplete"] == "False"
     md = (board / "README.md").read_text()
     assert "⚠ 2/3" in md and "loss is NaN at step 12" in md
+    assert "interrupted" not in md  # its identity was re-run and ended ok
     assert "## digits" in md and "## cifar10-r20-cpu" in md
     assert "Runs shared a <2-core> machine." in md  # the build's --note, on both pages (escaped in HTML)
     assert "Runs shared a &lt;2-core&gt; machine." in (board / "index.html").read_text()

@@ -106,16 +106,26 @@ def expected_seeds(roots: Iterable[Path]) -> dict[tuple[str, str], int]:
 
 
 def collect(roots: Iterable[str | Path]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(ok run rows, not-ok run rows) from every record under `roots`; a re-run of one identity counts once."""
+    """(ok run rows, not-ok run rows) from every record under `roots`; a re-run of one identity counts once.
+
+    A failed or interrupted record is listed unless a later re-run of the same identity ended ok
+    (a resumed suite's earlier attempts are history, not open failures)."""
     ok: dict[str, dict[str, Any]] = {}
-    bad = []
+    ok_finished: dict[str, str] = {}
+    bad: list[tuple[str, dict[str, Any]]] = []
     for path, rec in sorted(iter_records(*roots), key=lambda pr: (pr[1].finished_at or "", str(pr[0]))):
         if rec.ok:
             ok[rec.config_hash] = run_row(path, rec)  # the newest ok record of an identity wins
+            ok_finished[rec.config_hash] = rec.finished_at or ""
         elif rec.status != "running":
-            bad.append({"track": rec.track, "method": rec.method, "bits": rec.bits_tag, "seed": rec.seed,
-                        "status": rec.status, "record": str(path)})
-    return list(ok.values()), bad
+            bad.append((rec.config_hash, {"track": rec.track, "method": rec.method, "bits": rec.bits_tag, "seed": rec.seed,
+                                          "status": rec.status, "record": str(path), "finished_at": rec.finished_at or ""}))
+    open_failures = []
+    for key, row in bad:
+        later_ok = key in ok_finished and ok_finished[key] > row["finished_at"]
+        if not later_ok:
+            open_failures.append({k: v for k, v in row.items() if k != "finished_at"})
+    return list(ok.values()), open_failures
 
 
 def aggregate(runs: list[dict[str, Any]], expected: dict[tuple[str, str], int] | None = None,
