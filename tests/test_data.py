@@ -149,6 +149,25 @@ def test_drop_small_last_batch_rule():
     assert sizes == [200] * 6
 
 
+@pytest.mark.parametrize("augment", [False, True])
+def test_rank_shards_add_up_to_the_single_process_batch(augment):
+    """Data parallelism: rank r of N gets samples r, r+N, ... of exactly the single-process batch
+    (augmented as a whole, so the crops match too)."""
+    from fqtbench.data.base import TensorDataset
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (203, 3, 8, 8), dtype=torch.uint8, generator=g)
+    ds = TensorDataset(x, torch.arange(203), augment=random_crop_flip if augment else None)
+    kw = dict(seed=5, shuffle=True, augment=augment, drop_small_last=True)
+    whole = [ds[ref] for ref in _BatchSampler(203, 64, **kw)]
+    shards = [[ds[ref] for ref in _BatchSampler(203, 64, shard=(r, 2), **kw)] for r in range(2)]
+    assert len(shards[0]) == len(shards[1]) == len(whole) == 3
+    for b, (wx, wy) in enumerate(whole):
+        for r in range(2):
+            sx, sy = shards[r][b]
+            assert torch.equal(sy, wy[r::2]) and torch.equal(sx, wx[r::2])
+
+
 def test_num_workers_gives_same_batches():
     cfg = make_cfg(num_workers=2, train_subset=512, batch_size=128)
     with_workers = collect(DIGITS_SPEC.build(cfg, 3).train_dataloader())
