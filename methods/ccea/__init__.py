@@ -31,7 +31,7 @@ class CCEAConfig(StrictModel):
     decay_shift: int = Field(3, ge=1, le=16)  # counts of the group decay by 1/2^decay_shift per update
     saturation: int = Field(48, ge=2)  # confidence at which a weight leaves the search
     regroup_every: int = Field(200, ge=1)  # generations between halvings of all counts
-    fitness: Literal["accuracy_margin", "margin", "distill"] = "accuracy_margin"
+    fitness: Literal["accuracy_margin", "margin", "distill"] = "margin"
     search_biases: bool = False  # also search each conv's per-channel integer bias (folded batch norm)
     bias_radius: int = Field(4, ge=1)  # bias window: +-bias_radius quarter output codes around the start
 
