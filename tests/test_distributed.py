@@ -11,8 +11,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
+from fqtbench import registry
+from fqtbench.config import resolve
 from fqtbench.records import load_record
 
 ENV = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
@@ -76,3 +79,20 @@ def test_ccea_on_two_processes_is_bit_identical_to_one_process(tmp_path):
     blob2 = torch.load(two_dir / "checkpoints" / "last.ckpt", weights_only=False)["ccea"]
     _same(blob1["int_model"], blob2["int_model"], "int_model")  # the final integer weights and biases
     _same(blob1["search"], blob2["search"], "search")  # counts, RNG state, generation
+
+
+@pytest.mark.parametrize("method, extra", [
+    ("fp32", []), ("fqt", []), ("cpt", []),
+    ("bsq", ["bsq.finetune_epochs=1"]),  # re-quantization replaces the bit-planes: DDP is re-wrapped
+    ("ebs", []),  # the strengths stop training at the switch to retraining: unused-parameter detection
+])
+def test_every_gradient_method_trains_on_two_processes(method, extra, tmp_path):
+    """Two epochs on 2 processes: both phases of the two-phase methods, one record, the work of one process."""
+    sets = ["trainer.max_epochs=2", *extra]
+    rec = load_record(_run(tmp_path, "--method", method, *[a for kv in sets for a in ("--set", kv)], *DDP))
+    assert rec.ok, rec.status
+    cfg = resolve(method, overrides=sets)
+    data = registry.datasets.get(cfg.data.name).build(cfg.data, cfg.seed)
+    one_epoch = sum(len(y) for _, y in data.train_dataloader())  # what one process sees per epoch
+    assert rec.training_cost["samples"] == 2 * one_epoch  # summed over ranks: each sample once
+    assert rec.training_cost["train_bitops"] > 0
