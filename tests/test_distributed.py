@@ -96,3 +96,30 @@ def test_every_gradient_method_trains_on_two_processes(method, extra, tmp_path):
     one_epoch = sum(len(y) for _, y in data.train_dataloader())  # what one process sees per epoch
     assert rec.training_cost["samples"] == 2 * one_epoch  # summed over ranks: each sample once
     assert rec.training_cost["train_bitops"] > 0
+
+
+def test_the_ddp_strategy_is_adapted_to_the_method_and_spawn_is_refused():
+    import pytorch_lightning as pl
+    from torch import nn
+
+    from fqtbench.errors import ConfigError
+    from fqtbench.harness.runner import ddp_strategy_for
+
+    class WithGrads(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(1))
+
+    class UnusedSometimes(WithGrads):
+        ddp_find_unused_parameters = True
+
+    class GradientFree(pl.LightningModule):
+        pass
+
+    assert ddp_strategy_for(WithGrads(), "auto", processes=1) == "auto"
+    assert ddp_strategy_for(WithGrads(), "auto", processes=2) == "ddp"  # what Lightning would pick, made explicit
+    assert ddp_strategy_for(UnusedSometimes(), "ddp", processes=2) == "ddp_find_unused_parameters_true"
+    free = ddp_strategy_for(GradientFree(), "auto", processes=2)
+    assert type(free).__name__ == "GradientFreeDDPStrategy" and free._setup_model("m") == "m"  # no DDP wrapper
+    with pytest.raises(ConfigError, match="ddp_spawn"):
+        ddp_strategy_for(WithGrads(), "ddp_spawn", processes=2)

@@ -250,7 +250,7 @@ def make_trainer(cfg: ResolvedConfig, run_dir: Path, meter: CostMeter, logger, m
     if t.max_time_s:
         max_time = _dt.timedelta(seconds=t.max_time_s)
     accel = "gpu" if t.accelerator == "cuda" else t.accelerator
-    strategy = ddp_strategy_for(module, t.strategy)
+    strategy = ddp_strategy_for(module, t.strategy, t.devices * t.num_nodes)
     return pl.Trainer(
         max_epochs=t.max_epochs,
         max_steps=t.max_steps,
@@ -274,10 +274,18 @@ def make_trainer(cfg: ResolvedConfig, run_dir: Path, meter: CostMeter, logger, m
     )
 
 
-def ddp_strategy_for(module: pl.LightningModule | None, strategy: str):
-    """`trainer.strategy=ddp` adapted to the method, so users never pick DDP variants by hand:
-    gradient-free modules get DDP without the gradient wrapper; modules whose parameters go unused
-    in some phase (EBS's strengths after the search) declare `ddp_find_unused_parameters = True`."""
+def ddp_strategy_for(module: pl.LightningModule | None, strategy: str, processes: int = 1):
+    """`trainer.strategy=ddp` (or `auto` on several devices) adapted to the method, so users never
+    pick DDP variants by hand: gradient-free modules get DDP without the gradient wrapper; modules
+    whose parameters go unused in some phase (EBS's strengths after the search) declare
+    `ddp_find_unused_parameters = True`. Spawn-based strategies are refused: the launching process
+    evaluates and writes the record, and they hand it back only the parameters, not a method's
+    own state (CC-EA's integer model, BSQ's bit structure)."""
+    if strategy.startswith(("ddp_spawn", "ddp_fork", "ddp_notebook")):
+        raise ConfigError(f"trainer.strategy={strategy!r} is not supported: use 'ddp' (the same processes, "
+                          "launched as subprocesses, and rank 0 evaluates its own trained module)")
+    if strategy == "auto" and processes > 1:
+        strategy = "ddp"
     if strategy != "ddp" or module is None:
         return strategy
     if not any(p.requires_grad for p in module.parameters()):
