@@ -100,16 +100,20 @@ def _rank_worker(rank: int, world: int, port: int, name: str, backend_name: str,
         pops = {node: candidates(im, node, pop, group, g) for node in im.gemm_nodes}
         xs, ys = x[rank::world], y[rank::world]
 
+        def terms_of(xb, yb, node):
+            return fitness_terms(im.forward_population(xb, be, node, pops[node]), yb, 32, "margin")
+
+        def sharded(node):
+            terms = terms_of(xs, ys, node)
+            dist.all_reduce(terms)
+            return terms
+
         def all_layers():
             for node in im.gemm_nodes:
-                terms = fitness_terms(im.forward_population(xs, be, node, pops[node]), ys, 32, "accuracy_margin")
-                dist.all_reduce(terms)
+                sharded(node)
 
         for node in (im.gemm_nodes[0], im.gemm_nodes[-1]):  # the shares add up to the whole batch exactly
-            terms = fitness_terms(im.forward_population(xs, be, node, pops[node]), ys, 32, "accuracy_margin")
-            dist.all_reduce(terms)
-            whole = fitness_terms(im.forward_population(x, be, node, pops[node]), y, 32, "accuracy_margin")
-            assert torch.equal(terms, whole), f"sharded fitness differs from the whole batch's at node {node}"
+            assert torch.equal(sharded(node), terms_of(x, y, node)), f"sharded fitness differs from the whole batch's at node {node}"
         dist.barrier()
         t = time_call(all_layers, warmup=1, repeat=repeat)
         if rank == 0:

@@ -112,19 +112,15 @@ def collect(roots: Iterable[str | Path]) -> tuple[list[dict[str, Any]], list[dic
     (a resumed suite's earlier attempts are history, not open failures)."""
     ok: dict[str, dict[str, Any]] = {}
     ok_finished: dict[str, str] = {}
-    bad: list[tuple[str, dict[str, Any]]] = []
+    bad: list[tuple[str, str, dict[str, Any]]] = []  # (identity, finished_at, row)
     for path, rec in sorted(iter_records(*roots), key=lambda pr: (pr[1].finished_at or "", str(pr[0]))):
         if rec.ok:
             ok[rec.config_hash] = run_row(path, rec)  # the newest ok record of an identity wins
             ok_finished[rec.config_hash] = rec.finished_at or ""
         elif rec.status != "running":
-            bad.append((rec.config_hash, {"track": rec.track, "method": rec.method, "bits": rec.bits_tag, "seed": rec.seed,
-                                          "status": rec.status, "record": str(path), "finished_at": rec.finished_at or ""}))
-    open_failures = []
-    for key, row in bad:
-        later_ok = key in ok_finished and ok_finished[key] > row["finished_at"]
-        if not later_ok:
-            open_failures.append({k: v for k, v in row.items() if k != "finished_at"})
+            bad.append((rec.config_hash, rec.finished_at or "", {"track": rec.track, "method": rec.method, "bits": rec.bits_tag,
+                                                                 "seed": rec.seed, "status": rec.status, "record": str(path)}))
+    open_failures = [row for key, finished, row in bad if not ok_finished.get(key, "") > finished]
     return list(ok.values()), open_failures
 
 
