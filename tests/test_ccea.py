@@ -99,6 +99,19 @@ def test_fitness_is_correct_count_then_clipped_margin():
     assert margin.tolist() == [4 + 3, 1 + 2, 4 - 4]
 
 
+def test_margin_clip_is_the_power_of_two_above_the_median_margin_shifted():
+    from fqtbench_methods.ccea.start import margin_clip
+
+    class _Logits:  # stands in for an IntModel: forward returns fixed logits (margins 5, 9, 20)
+        def forward(self, x, backend):
+            return torch.tensor([[5, 0, 1], [0, 12, 3], [20, 0, -4]], dtype=torch.int32)
+
+    assert margin_clip(_Logits(), None, None) == 16  # median margin 9 -> 16
+    assert margin_clip(_Logits(), None, None, shift=1) == 32
+    assert margin_clip(_Logits(), None, None, shift=-2) == 4
+    assert margin_clip(_Logits(), None, None, shift=-8) == 1  # never below one logit unit
+
+
 # ---- through the harness ---------------------------------------------------------------------------
 
 

@@ -52,7 +52,7 @@ def start_model(model, cfg, data, backend) -> Start:
     else:
         im = random_int_model(model, cfg, data, backend, in_shape)
     x, _ = next(iter(data.calib_dataloader(1)))
-    clip = margin_clip(im, x, backend)
+    clip = margin_clip(im, x, backend, p.margin_clip_shift)
     info = {
         "init": p.init,
         "start_int_top1": round(im.evaluate(data.test_dataloader(), backend), 4),
@@ -69,12 +69,13 @@ def _quantized_export(model, w_bits, a_bits, first_last, granularity, data, e, i
     return export_model(model, in_shape)
 
 
-def margin_clip(im: IntModel, x: Tensor, backend) -> int:
-    """The power of two at or above the median |logit margin| of the start model (integer only)."""
+def margin_clip(im: IntModel, x: Tensor, backend, shift: int = 0) -> int:
+    """The power of two at or above the median |logit margin| of the start model, times 2^shift
+    (at least 1; integer only)."""
     logits = im.forward(x, backend).to(torch.int64)
     top2 = logits.topk(2, dim=1).values
     med = int((top2[:, 0] - top2[:, 1]).median())
-    return 1 << max(0, med.bit_length())
+    return 1 << max(0, med.bit_length() + shift)
 
 
 # ---- random integer start --------------------------------------------------------------------------
