@@ -59,6 +59,40 @@ def test_bias_variables_get_their_own_wider_window():
     assert (conv.base[conv.n_weights:] == -4).all()
 
 
+@pytest.mark.parametrize("bias_radius", [None, 2])
+def test_scale_variables_population_equals_each_candidate_alone(bias_radius):
+    """With scale_radius, a GEMM feeding a hidden requantization holds one multiplier offset per
+    output channel (window 2*scale_radius+1, start 0); the logits' requantization is never searched.
+    The batched population pass with per-candidate biases and multipliers gives, for every
+    candidate, exactly the logits of that candidate's model run alone."""
+    from fqtbench.bench.ccea import quantized_int_model
+    from fqtbench_methods.ccea.population import population_logits
+
+    im, _ = quantized_int_model("cnn-s", bits=3)
+    backend = registry.backends.get("int8")
+    st = SearchState.create(im, SearchConfig(**{**SCFG.__dict__, "bias_radius": bias_radius, "scale_radius": 4}), seed=0)
+    assert [l.scale_node is not None for l in st.layers] == [True, True, False]  # the head feeds the logits
+    x = torch.randint(0, 17, (32, 1, 8, 8), generator=torch.Generator().manual_seed(0))
+    for li, layer in enumerate(st.layers):
+        flat = st.context(im, li).reshape(1, -1).repeat(5, 1)
+        assert (flat[:, layer.n_weights:] == 0).all()  # every bias and scale offset starts at 0
+        flat[1:] = st.sample(li, torch.arange(layer.n), 4)
+        weights, biases, ms = st.split(li, flat)
+        dtype = im.nodes[layer.node].tensors["weight"].dtype
+        if layer.scale_node is not None:
+            assert (ms != ms[:1]).any()  # the sampled multipliers do differ between candidates
+        scales = (layer.scale_node, ms) if ms is not None else None
+        out = population_logits(im, x, backend, layer.node, weights.to(dtype), biases, scales)
+        for k in range(5):
+            alone = im.clone()
+            alone.set_weight(layer.node, weights[k].to(dtype))
+            if biases is not None:
+                alone.nodes[layer.node].tensors["bias"] = biases[k]
+            if ms is not None:
+                alone.nodes[layer.scale_node].tensors["m"] = ms[k]
+            assert torch.equal(alone.forward(x, backend).to(torch.int64), out[k].to(torch.int64))
+
+
 def test_sampling_follows_the_integer_counts():
     st, _ = _state(w=torch.zeros(1, 1, dtype=torch.int8))
     st.layers[0].counts[0] = torch.tensor([1, 2, 5], dtype=torch.int32)
@@ -122,8 +156,9 @@ def _digits_module(*over):
     return METHOD.build(model, cfg, data), data
 
 
-def test_no_floating_point_op_in_five_generations():
-    module, data = _digits_module()
+@pytest.mark.parametrize("over", [[], ["ccea.search_scales=true", "ccea.search_biases=true"]])
+def test_no_floating_point_op_in_five_generations(over):
+    module, data = _digits_module(*over)
     x, y = next(iter(data.train_dataloader()))
     before = module.int_model.clone()
     with NoFloat() as mode:

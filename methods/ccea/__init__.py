@@ -35,6 +35,8 @@ class CCEAConfig(StrictModel):
     margin_clip_shift: int = Field(0, ge=-8, le=8)  # margin clip = (power of two >= the start's median margin) * 2^shift
     search_biases: bool = False  # also search each conv's per-channel integer bias (folded batch norm)
     bias_radius: int = Field(4, ge=1)  # bias window: +-bias_radius quarter output codes around the start
+    search_scales: bool = False  # also search each requantization's per-channel multiplier (activation scale)
+    scale_radius: int = Field(4, ge=1, le=15)  # scale window: +-scale_radius steps of 1/16 of the start multiplier
 
 
 class CCEA(Method):

@@ -30,6 +30,7 @@ class CCEAModule(GradientFreeModule):
             start_count=p.start_count, decay_shift=p.decay_shift, saturation=p.saturation,
             regroup_every=p.regroup_every, radius=p.radius, grouping=p.grouping,
             bias_radius=p.bias_radius if p.search_biases else None,
+            scale_radius=p.scale_radius if p.search_scales else None,
         )
         self.state = SearchState.create(self.int_model, self.scfg, cfg.seed)
         for layer in self.state.layers:  # the accumulator bound must cover every reachable bias
@@ -55,10 +56,11 @@ class CCEAModule(GradientFreeModule):
         cand = st.sample(li, idx, c.pop_size)  # (P, G)
         flat = st.context(im, li).reshape(1, -1).repeat(c.pop_size + 1, 1)  # row 0: the context
         flat[1:, idx] = cand
-        weights, biases = st.split(li, flat)
+        weights, biases, ms = st.split(li, flat)
         weights = weights.to(x.device, im.nodes[layer.node].tensors["weight"].dtype)
         biases = biases.to(x.device) if biases is not None else None
-        logits = population_logits(im, x, self.backend, layer.node, weights, biases, cost_role="fitness")
+        scales = (layer.scale_node, ms.to(x.device)) if ms is not None else None
+        logits = population_logits(im, x, self.backend, layer.node, weights, biases, scales, cost_role="fitness")
         target = None
         if self.teacher is not None:  # the integer teacher's logits on this batch, on the student's scale
             target = requantize(self.teacher.forward(x, self.backend, cost_role="fitness"), self.teacher_rescale)
@@ -74,6 +76,8 @@ class CCEAModule(GradientFreeModule):
             im.set_weight(layer.node, weights[best].clone())
             if biases is not None:
                 im.nodes[layer.node].tensors["bias"] = biases[best].clone()
+            if ms is not None:
+                im.nodes[layer.scale_node].tensors["m"] = ms[best].clone()
             self.improvements += 1
         st.generation += 1
         if st.generation % c.regroup_every == 0:

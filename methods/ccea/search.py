@@ -10,6 +10,11 @@ integer bias is ``bias0 + offset * bias_step``, where ``bias_step`` is a quarter
 code of the node that consumes the conv, in accumulator units. These variables live in the same
 count table (wider windows are padded with zero counts) and are grouped like weights.
 
+With ``scale_radius`` set, a GEMM whose output goes straight into a requantization also holds one
+*scale offset* per output channel: the requantization multiplier of that channel becomes
+``m0 + offset * m_step`` with ``m_step = m0 / 16`` (integer), i.e. a per-channel activation scale
+moved in steps of 1/16 -- what a low-bit activation loses to one max-calibrated range per tensor.
+
 One generation (= one cooperative-coevolution cycle):
 
 1. pick a layer, with probability proportional to its number of still-searching weights;
@@ -47,11 +52,18 @@ class LayerState:
     counts: Tensor  # (n, L) int32: counts over window slots; slots outside a variable's range are always 0
     bias0: Tensor | None = None  # (Cout,) int64 starting bias, when the biases are searched
     bias_step: Tensor | None = None  # (Cout,) int64 accumulator units per bias code
+    scale_node: int | None = None  # the requantization node whose per-channel multipliers are searched
+    m0: Tensor | None = None  # (Cout,) int64 starting multipliers
+    m_step: Tensor | None = None  # (Cout,) int64 multiplier change per scale code
     cursor: int = 0  # next block for static ("layer") grouping
 
     @property
     def n_weights(self) -> int:
         return math.prod(self.shape)
+
+    @property
+    def n_biases(self) -> int:
+        return 0 if self.bias0 is None else int(self.bias0.numel())
 
     @property
     def n(self) -> int:
@@ -75,6 +87,7 @@ class SearchConfig:
     radius: int | None
     grouping: str  # confidence | random | layer
     bias_radius: int | None = None  # search conv biases within +-bias_radius steps; None: weights only
+    scale_radius: int | None = None  # search requantization multipliers within +-scale_radius steps of m0/16
 
 
 @dataclass
@@ -106,13 +119,23 @@ class SearchState:
                 k, zero = cfg.bias_radius, torch.zeros_like(bias0)
                 base, start, span = torch.cat([base, zero - k]), torch.cat([start, zero]), torch.cat([span, zero + 2 * k + 1])
                 lo_v, hi_v = torch.cat([lo_v, zero - k]), torch.cat([hi_v, zero + k])
+            scale_node = m0 = m_step = None
+            rq = requant_consumer(model, node) if cfg.scale_radius is not None else None
+            if rq is not None and _scales_fit(model, node, rq, cfg.scale_radius):
+                cout = int(nd.tensors["weight"].shape[0])
+                scale_node = rq
+                m0 = model.nodes[rq].tensors["m"].to(torch.int64).expand(cout).clone()
+                m_step = (m0.abs() >> 4).clamp_min(1)
+                k, zero = cfg.scale_radius, torch.zeros_like(m0)
+                base, start, span = torch.cat([base, zero - k]), torch.cat([start, zero]), torch.cat([span, zero + 2 * k + 1])
+                lo_v, hi_v = torch.cat([lo_v, zero - k]), torch.cat([hi_v, zero + k])
             offset = torch.arange(int(span.max()), dtype=torch.int64)[None, :]
             slots = base[:, None] + offset
             valid = (offset < span[:, None]) & (slots >= lo_v[:, None]) & (slots <= hi_v[:, None])
             counts = torch.where(valid, torch.full_like(slots, cfg.prior), torch.zeros_like(slots))
             counts[slots == start[:, None]] = cfg.start_count
             layers.append(LayerState(node, nd.attrs.get("name", str(node)), tuple(nd.tensors["weight"].shape),
-                                     base, counts.to(torch.int32), bias0, step))
+                                     base, counts.to(torch.int32), bias0, step, scale_node=scale_node, m0=m0, m_step=m_step))
         g = torch.Generator().manual_seed(int(seed))
         return cls(layers, g)
 
@@ -120,19 +143,26 @@ class SearchState:
         """(n,) int64: the current codes of layer `li`'s variables in `model` (weights, then bias offsets)."""
         layer = self.layers[li]
         nd = model.nodes[layer.node]
-        w = nd.tensors["weight"].reshape(-1).to("cpu", torch.int64)  # the search state lives on the CPU
-        if layer.bias0 is None:
-            return w
-        return torch.cat([w, (nd.tensors["bias"].to("cpu", torch.int64) - layer.bias0) // layer.bias_step])
+        parts = [nd.tensors["weight"].reshape(-1).to("cpu", torch.int64)]  # the search state lives on the CPU
+        if layer.bias0 is not None:
+            parts.append((nd.tensors["bias"].to("cpu", torch.int64) - layer.bias0) // layer.bias_step)
+        if layer.scale_node is not None:
+            m = model.nodes[layer.scale_node].tensors["m"].to("cpu", torch.int64).expand_as(layer.m0)
+            parts.append((m - layer.m0) // layer.m_step)
+        return torch.cat(parts)
 
-    def split(self, li: int, codes: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Candidate codes (P, n) -> weight codes (P, *shape) and integer biases (P, Cout) or None."""
+    def split(self, li: int, codes: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """Candidate codes (P, n) -> weight codes (P, *shape), integer biases (P, Cout) or None, and
+        requantization multipliers (P, Cout) or None."""
         layer = self.layers[li]
-        k = layer.n_weights
+        k, nb = layer.n_weights, layer.n_biases
         weights = codes[:, :k].reshape(codes.shape[0], *layer.shape)
-        if layer.bias0 is None:
-            return weights, None
-        return weights, layer.bias0[None, :] + codes[:, k:] * layer.bias_step[None, :]
+        biases = ms = None
+        if layer.bias0 is not None:
+            biases = layer.bias0[None, :] + codes[:, k:k + nb] * layer.bias_step[None, :]
+        if layer.scale_node is not None:
+            ms = layer.m0[None, :] + codes[:, k + nb:] * layer.m_step[None, :]
+        return weights, biases, ms
 
     # ---- one generation: the parts -------------------------------------------------------------
     def searching(self, layer: LayerState, cfg: SearchConfig) -> Tensor:
@@ -209,6 +239,23 @@ class SearchState:
             l.counts = c.clone()
             l.cursor = int(k)
         self.history = list(d["history"])
+
+
+def requant_consumer(model, node: int) -> int | None:
+    """The requantization node that reads GEMM `node`'s output, if that is its only consumer and
+    not the network's output (scaling the logits per class would buy margin, not accuracy)."""
+    readers = [i for i, nd in enumerate(model.nodes) if node in nd.inputs]
+    if len(readers) == 1 and model.nodes[readers[0]].op == "requant" and readers[0] != len(model.nodes) - 1:
+        return readers[0]
+    return None
+
+
+def _scales_fit(model, node: int, rq: int, radius: int) -> bool:
+    """Whether every reachable multiplier keeps accumulator x multiplier inside int64's safe range."""
+    m = model.nodes[rq].tensors["m"].to(torch.int64).abs()
+    m_max = int((m + radius * (m >> 4).clamp_min(1)).max())
+    acc = int(model.nodes[node].attrs.get("acc_bound", 2**62))
+    return acc.bit_length() + m_max.bit_length() <= 62
 
 
 def bias_step(model, node: int) -> Tensor:
