@@ -29,6 +29,7 @@ def test_bench_ccea_compares_naive_and_batched_paths(cli):
     (row,) = doc["rows"]
     assert row["model"] == "cnn-s" and row["candidates"] == 3 and row["layers"] >= 3
     assert row["speed-up"] == pytest.approx(row["batched+incremental evals/s"] / row["naive evals/s"], rel=1e-9)
+    assert row["speed-up, layers uniform"] > 0
 
 
 def test_bench_ccea_ranks_compares_one_and_two_processes(cli):

@@ -66,8 +66,6 @@ def test_scale_variables_population_equals_each_candidate_alone(bias_radius):
     The batched population pass with per-candidate biases and multipliers gives, for every
     candidate, exactly the logits of that candidate's model run alone."""
     from fqtbench.bench.ccea import quantized_int_model
-    from fqtbench_methods.ccea.population import population_logits
-
     im, _ = quantized_int_model("cnn-s", bits=3)
     backend = registry.backends.get("int8")
     st = SearchState.create(im, SearchConfig(**{**SCFG.__dict__, "bias_radius": bias_radius, "scale_radius": 4}), seed=0)
@@ -82,7 +80,7 @@ def test_scale_variables_population_equals_each_candidate_alone(bias_radius):
         if layer.scale_node is not None:
             assert (ms != ms[:1]).any()  # the sampled multipliers do differ between candidates
         scales = (layer.scale_node, ms) if ms is not None else None
-        out = population_logits(im, x, backend, layer.node, weights.to(dtype), biases, scales)
+        out = im.forward_population(x, backend, layer.node, weights.to(dtype), biases=biases, requant=scales, chunk_rows=64)
         for k in range(5):
             alone = im.clone()
             alone.set_weight(layer.node, weights[k].to(dtype))

@@ -161,3 +161,24 @@ def test_mixed_precision_layers_export_with_their_own_bits():
     layers[1].quant.weight = WeightQuantizer(2)
     im = export_model(model, (1, 8, 8))
     assert [l["w_bits"] for l in im.layer_table()] == [8, 2, 8]
+
+
+@pytest.mark.parametrize("chunk_rows", [512, 8])
+def test_forward_population_equals_each_candidate_run_alone(chunk_rows):
+    """ResNet-20 (residual shortcuts read across the searched layer): the one-pass population
+    evaluation -- whole batch or candidate chunks -- gives every candidate exactly its own logits."""
+    from fqtbench.bench.ccea import candidates, quantized_int_model
+
+    im, info = quantized_int_model("resnet20")
+    backend = registry.backends.get("int8")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, info.pixel_max + 1, (4, info.in_channels, *info.image_size), dtype=torch.uint8, generator=g)
+    for node in (im.gemm_nodes[0], im.gemm_nodes[7], im.gemm_nodes[-1]):
+        ws = candidates(im, node, 3, 32, g)
+        out = im.forward_population(x, backend, node, ws, chunk_rows=chunk_rows)
+        for k in range(3):
+            alone = im.clone()
+            alone.set_weight(node, ws[k])
+            assert torch.equal(alone.forward(x, backend), out[k])
+    with pytest.raises(ValueError, match="must be a requantization after"):
+        im.forward_population(x, backend, im.gemm_nodes[1], ws, requant=(1, torch.ones(3, 16, dtype=torch.int64)))

@@ -200,54 +200,70 @@ class IntModel:
             self._last_use_cache = last
         return self._last_use_cache
 
-    def forward_population(self, x: Tensor, backend, node: int, weights: Tensor, cost_role: str | None = None) -> Tensor:
-        """Integer logits (P, N, classes) of P variants that differ only in GEMM node `node`'s weights.
+    def forward_population(self, x: Tensor, backend, node: int, weights: Tensor, *, biases: Tensor | None = None,
+                           requant: tuple[int, Tensor] | None = None, cost_role: str | None = None,
+                           chunk_rows: int = 256) -> Tensor:
+        """Integer logits (P, N, classes) of P variants that differ in GEMM node `node`'s weights
+        (P, *w.shape), optionally its integer biases (P, Cout), and optionally the per-channel
+        multipliers of one later requantization node: `requant` = (index, (P, C) mantissas).
 
         One pass: the nodes before `node` run once on the batch (their outputs do not depend on the
         candidates); `node` runs one GEMM with the P weight tensors folded into its output-channel
-        dimension; the rest of the network runs on the P*N candidate-major batch, with earlier
-        outputs it reads (residual shortcuts) repeated P times.
+        dimension; the rest of the network runs on candidate-major batches of about `chunk_rows`
+        images (whole candidates each), with earlier outputs it reads (residual shortcuts) repeated
+        per candidate. Chunking keeps the suffix's working set near a single batch's: one P*N batch
+        would make it P times larger and slower per image than P separate passes.
         """
         p = int(weights.shape[0])
         n = int(x.shape[0])
+        if requant is not None and not (node < requant[0] < len(self.nodes) and self.nodes[requant[0]].op == "requant"):
+            raise ValueError(f"requant node {requant[0]} must be a requantization after GEMM node {node}")
         outs: list[Tensor | None] = [None] * len(self.nodes)
         last = self._last_use
+
+        def run(i: int, nd: Node, xs: list[Tensor], pw=None) -> Tensor:
+            if pw is None and nd.op in ("conv", "linear"):
+                pw = self.prepared(backend, i)
+            y = nd.run(xs, backend, prepared=pw)
+            if cost_role and nd.op in ("conv", "linear"):
+                cost.record(cost_role, nd.macs(tuple(xs[0].shape), tuple(y.shape)), nd.attrs["a_bits"], nd.attrs["w_bits"])
+            return y
+
         for i in range(node):  # the shared prefix
             nd = self.nodes[i]
-            xs = [x] if nd.op == "input" else [outs[j] for j in nd.inputs]
-            y = nd.run(xs, backend, prepared=self.prepared(backend, i) if nd.op in ("conv", "linear") else None)
-            if cost_role and nd.op in ("conv", "linear"):
-                cost.record(cost_role, nd.macs(tuple(xs[0].shape), tuple(y.shape)), nd.attrs["a_bits"], nd.attrs["w_bits"])
-            outs[i] = y
+            outs[i] = run(i, nd, [x] if nd.op == "input" else [outs[j] for j in nd.inputs])
         nd = self.nodes[node]
         cout = int(nd.tensors["weight"].shape[0])
-        folded = weights.reshape(p * cout, *weights.shape[2:])
-        pw = backend.prepare_weight(folded, IntRange(*nd.attrs["w_range"]))
-        bias = nd.tensors.get("bias")
-        xs = [outs[j] for j in nd.inputs]
-        folded_node = Node(nd.op, nd.inputs, nd.attrs, {"bias": bias.repeat(p)} if bias is not None else {})
-        y = folded_node.run(xs, backend, prepared=pw)  # (N, ..., P*Cout)
-        if cost_role:
-            cost.record(cost_role, nd.macs(tuple(xs[0].shape), tuple(y.shape)), nd.attrs["a_bits"], nd.attrs["w_bits"])
+        pw = backend.prepare_weight(weights.reshape(p * cout, *weights.shape[2:]), IntRange(*nd.attrs["w_range"]))
+        own_bias = nd.tensors.get("bias")
+        bias = biases.reshape(p * cout) if biases is not None else (own_bias.repeat(p) if own_bias is not None else None)
+        folded = Node(nd.op, nd.inputs, nd.attrs, {"bias": bias.to(torch.int64)} if bias is not None else {})
+        y = run(node, folded, [outs[j] for j in nd.inputs], pw)  # (N, ..., P*Cout)
         spatial = y.shape[1:-1]
-        y = y.reshape(n, *spatial, p, cout).movedim(-2, 0).reshape(p * n, *spatial, cout)
-        outs[node] = y
-        for j in range(node):  # earlier outputs read after `node`: one copy per candidate
-            if outs[j] is not None and last.get(j, -1) > node:
-                outs[j] = outs[j].repeat(p, *([1] * (outs[j].dim() - 1)))
-            elif last.get(j, -1) <= node:
-                outs[j] = None
-        for i in range(node + 1, len(self.nodes)):
-            nd = self.nodes[i]
-            xs = [outs[j] for j in nd.inputs]
-            y = nd.run(xs, backend, prepared=self.prepared(backend, i) if nd.op in ("conv", "linear") else None)
-            if cost_role and nd.op in ("conv", "linear"):
-                cost.record(cost_role, nd.macs(tuple(xs[0].shape), tuple(y.shape)), nd.attrs["a_bits"], nd.attrs["w_bits"])
-            outs[i] = y
-            for j in nd.inputs:
-                if last.get(j) == i:
-                    outs[j] = None
-        return outs[-1].reshape(p, n, -1)
+        y = y.reshape(n, *spatial, p, cout).movedim(-2, 0)  # (P, N, ..., Cout)
+        shared = {j: outs[j] for j in range(node) if outs[j] is not None and last.get(j, -1) > node}
+        per_chunk = max(1, chunk_rows // max(1, n))
+        logits = []
+        for a in range(0, p, per_chunk):
+            b = min(p, a + per_chunk)
+            c_outs: list[Tensor | None] = [None] * len(self.nodes)
+            for j, t in shared.items():
+                c_outs[j] = t.repeat(b - a, *([1] * (t.dim() - 1)))
+            c_outs[node] = y[a:b].reshape((b - a) * n, *spatial, cout)
+            for i in range(node + 1, len(self.nodes)):
+                nd = self.nodes[i]
+                xs = [c_outs[j] for j in nd.inputs]
+                if requant is not None and i == requant[0]:  # each candidate's slice with its own multipliers
+                    ms = requant[1]
+                    c_outs[i] = torch.cat([Node(nd.op, nd.inputs, nd.attrs, {**nd.tensors, "m": ms[k]}).run([part], backend)
+                                           for k, part in zip(range(a, b), xs[0].chunk(b - a, dim=0))])
+                else:
+                    c_outs[i] = run(i, nd, xs)
+                for j in nd.inputs:
+                    if last.get(j) == i:
+                        c_outs[j] = None
+            logits.append(c_outs[-1].reshape(b - a, n, -1))
+        return torch.cat(logits) if len(logits) > 1 else logits[0]
 
     def predict(self, x: Tensor, backend) -> Tensor:
         return self.forward(x, backend).argmax(dim=1)

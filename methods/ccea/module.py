@@ -9,7 +9,6 @@ from fqtbench.engine.intmodel import IntModel
 
 from fqtbench.engine.requant import requantize
 
-from .population import population_logits
 from .search import SearchConfig, SearchState, fitness_from_terms, fitness_terms
 from .start import Start
 
@@ -60,7 +59,7 @@ class CCEAModule(GradientFreeModule):
         weights = weights.to(x.device, im.nodes[layer.node].tensors["weight"].dtype)
         biases = biases.to(x.device) if biases is not None else None
         scales = (layer.scale_node, ms.to(x.device)) if ms is not None else None
-        logits = population_logits(im, x, self.backend, layer.node, weights, biases, scales, cost_role="fitness")
+        logits = im.forward_population(x, self.backend, layer.node, weights, biases=biases, requant=scales, cost_role="fitness")
         target = None
         if self.teacher is not None:  # the integer teacher's logits on this batch, on the student's scale
             target = requantize(self.teacher.forward(x, self.backend, cost_role="fitness"), self.teacher_rescale)
