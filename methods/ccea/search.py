@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from fqtbench.engine.requant import INT64_SAFE_BITS
+
 
 @dataclass
 class LayerState:
@@ -140,7 +142,8 @@ class SearchState:
         return cls(layers, g)
 
     def context(self, model, li: int) -> Tensor:
-        """(n,) int64: the current codes of layer `li`'s variables in `model` (weights, then bias offsets)."""
+        """(n,) int64: the current codes of layer `li`'s variables in `model` (weights, then bias
+        offsets, then scale offsets)."""
         layer = self.layers[li]
         nd = model.nodes[layer.node]
         parts = [nd.tensors["weight"].reshape(-1).to("cpu", torch.int64)]  # the search state lives on the CPU
@@ -251,11 +254,12 @@ def requant_consumer(model, node: int) -> int | None:
 
 
 def _scales_fit(model, node: int, rq: int, radius: int) -> bool:
-    """Whether every reachable multiplier keeps accumulator x multiplier inside int64's safe range."""
+    """Whether every reachable multiplier keeps accumulator x multiplier inside int64's safe range
+    (one bit to spare for the accumulator growth a bias search may add)."""
     m = model.nodes[rq].tensors["m"].to(torch.int64).abs()
     m_max = int((m + radius * (m >> 4).clamp_min(1)).max())
     acc = int(model.nodes[node].attrs.get("acc_bound", 2**62))
-    return acc.bit_length() + m_max.bit_length() <= 62
+    return acc.bit_length() + m_max.bit_length() <= INT64_SAFE_BITS - 1
 
 
 def bias_step(model, node: int) -> Tensor:
