@@ -6,8 +6,8 @@ model is plain data -- integer tensors plus a JSON description -- so it saves wi
 and loads with ``torch.load(weights_only=True)``; nothing is unpickled.
 
 Nodes read the outputs of earlier nodes by index (``inputs``). :meth:`IntModel.forward` can start
-from cached outputs and substitute one layer's weight codes, which CC-EA uses to evaluate a whole
-population in one pass.
+from cached outputs; :meth:`IntModel.forward_population` evaluates P variants of one layer (its
+weight codes, biases, and the multipliers of a later requantization) in one pass, as CC-EA does.
 """
 
 from __future__ import annotations
