@@ -177,10 +177,7 @@ class IntModel:
         for i in range(start, len(self.nodes)):
             node = self.nodes[i]
             xs = [x] if node.op == "input" else [outs[j] for j in node.inputs]
-            pw = self.prepared(backend, i) if node.op in ("conv", "linear") else None
-            y = node.run(xs, backend, prepared=pw)
-            if cost_role and node.op in ("conv", "linear"):
-                cost.record(cost_role, node.macs(tuple(xs[0].shape), tuple(y.shape)), node.attrs["a_bits"], node.attrs["w_bits"])
+            y = self._run_node(i, node, xs, backend, cost_role)
             outs[i] = y
             if cache is not None and keep is not None and i in keep:
                 cache[i] = y
@@ -199,6 +196,17 @@ class IntModel:
                     last[j] = i
             self._last_use_cache = last
         return self._last_use_cache
+
+    def _run_node(self, i: int, nd: Node, xs: list[Tensor], backend, cost_role: str | None, prepared=None) -> Tensor:
+        """Node `nd` (at index i; a GEMM uses its prepared weight unless `prepared` is given), its
+        MACs reported to the cost ledger under `cost_role`."""
+        gemm = nd.op in ("conv", "linear")
+        if gemm and prepared is None:
+            prepared = self.prepared(backend, i)
+        y = nd.run(xs, backend, prepared=prepared)
+        if cost_role and gemm:
+            cost.record(cost_role, nd.macs(tuple(xs[0].shape), tuple(y.shape)), nd.attrs["a_bits"], nd.attrs["w_bits"])
+        return y
 
     def forward_population(self, x: Tensor, backend, node: int, weights: Tensor, *, biases: Tensor | None = None,
                            requant: tuple[int, Tensor] | None = None, cost_role: str | None = None,
@@ -220,25 +228,16 @@ class IntModel:
             raise ValueError(f"requant node {requant[0]} must be a requantization after GEMM node {node}")
         outs: list[Tensor | None] = [None] * len(self.nodes)
         last = self._last_use
-
-        def run(i: int, nd: Node, xs: list[Tensor], pw=None) -> Tensor:
-            if pw is None and nd.op in ("conv", "linear"):
-                pw = self.prepared(backend, i)
-            y = nd.run(xs, backend, prepared=pw)
-            if cost_role and nd.op in ("conv", "linear"):
-                cost.record(cost_role, nd.macs(tuple(xs[0].shape), tuple(y.shape)), nd.attrs["a_bits"], nd.attrs["w_bits"])
-            return y
-
         for i in range(node):  # the shared prefix
             nd = self.nodes[i]
-            outs[i] = run(i, nd, [x] if nd.op == "input" else [outs[j] for j in nd.inputs])
+            outs[i] = self._run_node(i, nd, [x] if nd.op == "input" else [outs[j] for j in nd.inputs], backend, cost_role)
         nd = self.nodes[node]
         cout = int(nd.tensors["weight"].shape[0])
         pw = backend.prepare_weight(weights.reshape(p * cout, *weights.shape[2:]), IntRange(*nd.attrs["w_range"]))
         own_bias = nd.tensors.get("bias")
         bias = biases.reshape(p * cout) if biases is not None else (own_bias.repeat(p) if own_bias is not None else None)
         folded = Node(nd.op, nd.inputs, nd.attrs, {"bias": bias.to(torch.int64)} if bias is not None else {})
-        y = run(node, folded, [outs[j] for j in nd.inputs], pw)  # (N, ..., P*Cout)
+        y = self._run_node(node, folded, [outs[j] for j in nd.inputs], backend, cost_role, pw)  # (N, ..., P*Cout)
         spatial = y.shape[1:-1]
         y = y.reshape(n, *spatial, p, cout).movedim(-2, 0)  # (P, N, ..., Cout)
         shared = {j: outs[j] for j in range(node) if outs[j] is not None and last.get(j, -1) > node}
@@ -258,7 +257,7 @@ class IntModel:
                     c_outs[i] = torch.cat([Node(nd.op, nd.inputs, nd.attrs, {**nd.tensors, "m": ms[k]}).run([part], backend)
                                            for k, part in zip(range(a, b), xs[0].chunk(b - a, dim=0))])
                 else:
-                    c_outs[i] = run(i, nd, xs)
+                    c_outs[i] = self._run_node(i, nd, xs, backend, cost_role)
                 for j in nd.inputs:
                     if last.get(j) == i:
                         c_outs[j] = None

@@ -112,15 +112,13 @@ class SearchState:
                 base, width = torch.full_like(w, lo), hi - lo + 1
             else:
                 base, width = w - cfg.radius, 2 * cfg.radius + 1
-            start, span = w, torch.full_like(w, width)  # span: window width of each variable
-            lo_v, hi_v = torch.full_like(w, lo), torch.full_like(w, hi)
+            # per variable: window base, starting code, window width, code range; weights first
+            groups = [(base, w, torch.full_like(w, width), torch.full_like(w, lo), torch.full_like(w, hi))]
             bias0 = step = None
             if cfg.bias_radius is not None and nd.op == "conv":
                 step = bias_step(model, node)
                 bias0 = nd.tensors["bias"].to(torch.int64).clone()
-                k, zero = cfg.bias_radius, torch.zeros_like(bias0)
-                base, start, span = torch.cat([base, zero - k]), torch.cat([start, zero]), torch.cat([span, zero + 2 * k + 1])
-                lo_v, hi_v = torch.cat([lo_v, zero - k]), torch.cat([hi_v, zero + k])
+                groups.append(_offset_variables(bias0.numel(), cfg.bias_radius))
             scale_node = m0 = m_step = None
             rq = requant_consumer(model, node) if cfg.scale_radius is not None else None
             if rq is not None and _scales_fit(model, node, rq, cfg.scale_radius):
@@ -128,9 +126,8 @@ class SearchState:
                 scale_node = rq
                 m0 = model.nodes[rq].tensors["m"].to(torch.int64).expand(cout).clone()
                 m_step = (m0.abs() >> 4).clamp_min(1)
-                k, zero = cfg.scale_radius, torch.zeros_like(m0)
-                base, start, span = torch.cat([base, zero - k]), torch.cat([start, zero]), torch.cat([span, zero + 2 * k + 1])
-                lo_v, hi_v = torch.cat([lo_v, zero - k]), torch.cat([hi_v, zero + k])
+                groups.append(_offset_variables(cout, cfg.scale_radius))
+            base, start, span, lo_v, hi_v = (torch.cat(parts) for parts in zip(*groups))
             offset = torch.arange(int(span.max()), dtype=torch.int64)[None, :]
             slots = base[:, None] + offset
             valid = (offset < span[:, None]) & (slots >= lo_v[:, None]) & (slots <= hi_v[:, None])
@@ -242,6 +239,12 @@ class SearchState:
             l.counts = c.clone()
             l.cursor = int(k)
         self.history = list(d["history"])
+
+
+def _offset_variables(n: int, k: int) -> tuple[Tensor, ...]:
+    """Window base, start, width, and range of `n` offset variables in -k..k that start at 0."""
+    zero = torch.zeros(n, dtype=torch.int64)
+    return zero - k, zero, zero + 2 * k + 1, zero - k, zero + k
 
 
 def requant_consumer(model, node: int) -> int | None:
