@@ -169,6 +169,28 @@ def test_no_floating_point_op_in_five_generations(over):
     assert counts_moved and (any(changed) or module.improvements == 0)
 
 
+@pytest.mark.parametrize("over", [[], ["ccea.search_scales=true", "ccea.search_biases=true"], ["ccea.fitness=distill"]])
+def test_kept_activations_give_the_search_it_would_have_recomputing(over):
+    """A generation on the batch of the previous one starts from the context's kept activations
+    (refreshed from the layer an improvement changed); on a new batch it recomputes them. Either
+    way every generation's statistics, and the final codes and counts, equal those of a search
+    that recomputes everything every generation."""
+    kept, data = _digits_module(*over)
+    fresh, _ = _digits_module(*over)
+    x, y = next(iter(data.train_dataloader()))
+    x2, y2 = x[:300], y[:300]
+    batches = [(x, y)] * 12 + [(x2, y2)] * 3 + [(x, y)] * 5
+    for bx, by in batches:
+        fresh._kept = None
+        assert kept.evolve(bx, by) == fresh.evolve(bx, by)
+    assert kept.improvements == fresh.improvements > 0
+    for i in kept.int_model.gemm_nodes:
+        for k, t in kept.int_model.nodes[i].tensors.items():
+            assert torch.equal(t, fresh.int_model.nodes[i].tensors[k])
+    for a, b in zip(kept.state.layers, fresh.state.layers):
+        assert torch.equal(a.counts, b.counts)
+
+
 def test_random_init_uses_no_float_value():
     """Two different float initialisations give the same random-init integer model for one seed."""
     ims = []

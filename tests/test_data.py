@@ -149,6 +149,15 @@ def test_drop_small_last_batch_rule():
     assert sizes == [200] * 6
 
 
+def test_one_batch_holding_the_whole_split_keeps_its_order():
+    """Shuffled batches change from epoch to epoch; a batch that holds the whole split (CC-EA's
+    fitness set on digits) stays in one order, so that the search can recognise it."""
+    sampler = _BatchSampler(100, 32, shuffle=True)
+    assert [r.indices.tolist() for r in sampler] != [r.indices.tolist() for r in sampler]
+    whole = _BatchSampler(100, 2048, shuffle=True)
+    assert [r.indices.tolist() for r in whole] == [r.indices.tolist() for r in whole] == [list(range(100))]
+
+
 @pytest.mark.parametrize("augment", [False, True])
 def test_rank_shards_add_up_to_the_single_process_batch(augment):
     """Data parallelism: rank r of N gets samples r, r+N, ... of exactly the single-process batch

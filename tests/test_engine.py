@@ -176,9 +176,14 @@ def test_forward_population_equals_each_candidate_run_alone(chunk_rows):
     for node in (im.gemm_nodes[0], im.gemm_nodes[7], im.gemm_nodes[-1]):
         ws = candidates(im, node, 3, 32, g)
         out = im.forward_population(x, backend, node, ws, chunk_rows=chunk_rows)
+        acts = im.activations(x, backend)
+        assert torch.equal(out, im.forward_population(x, backend, node, ws, prefix=acts, chunk_rows=chunk_rows))
         for k in range(3):
             alone = im.clone()
             alone.set_weight(node, ws[k])
             assert torch.equal(alone.forward(x, backend), out[k])
+        alone.refresh(acts, backend, node)  # the kept activations follow the last candidate's change
+        assert torch.equal(acts[-1], out[2])
+        assert torch.equal(out, im.forward_population(x, backend, node, ws, prefix=alone.activations(x, backend)))
     with pytest.raises(ValueError, match="must be a requantization after"):
         im.forward_population(x, backend, im.gemm_nodes[1], ws, requant=(1, torch.ones(3, 16, dtype=torch.int64)))

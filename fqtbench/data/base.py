@@ -223,7 +223,9 @@ class _BatchSampler(Sampler):
     def __iter__(self):
         epoch = self.epoch
         self.epoch += 1
-        if self.shuffle:
+        if self.shuffle and not (self.num_batches == 1 and self.batch_size >= self.n):
+            # (one batch holding the whole split has nothing to shuffle; its fixed order lets a
+            # gradient-free search recognise the batch and reuse its work across steps)
             gen = torch.Generator().manual_seed(mix_seed(self.seed, epoch, 0))
             order = torch.randperm(self.n, generator=gen)
         else:

@@ -7,7 +7,8 @@ and loads with ``torch.load(weights_only=True)``; nothing is unpickled.
 
 Nodes read the outputs of earlier nodes by index (``inputs``). :meth:`IntModel.forward` can start
 from cached outputs; :meth:`IntModel.forward_population` evaluates P variants of one layer (its
-weight codes, biases, and the multipliers of a later requantization) in one pass, as CC-EA does.
+weight codes, biases, and the multipliers of a later requantization) in one pass, as CC-EA does,
+optionally from the kept activations of :meth:`IntModel.activations` on the same batch.
 """
 
 from __future__ import annotations
@@ -197,6 +198,34 @@ class IntModel:
             self._last_use_cache = last
         return self._last_use_cache
 
+    @property
+    def reusable(self) -> set[int]:
+        """Outputs a later pass starting at some GEMM node can read (what :meth:`activations` keeps):
+        node j's output is reusable if a node at or after a GEMM k > j reads it, and the logits are."""
+        if not hasattr(self, "_reusable_cache"):
+            gemms = self.gemm_nodes
+            keep = {len(self.nodes) - 1}
+            for j, last in self._last_use.items():
+                if any(j < k <= last for k in gemms):
+                    keep.add(j)
+            self._reusable_cache = keep
+        return self._reusable_cache
+
+    def activations(self, x: Tensor, backend, *, cost_role: str | None = None) -> list[Tensor | None]:
+        """One forward pass that keeps every reusable output (the logits last): the prefix that
+        :meth:`forward_population` and :meth:`refresh` start from, so that work on an unchanged
+        batch is not repeated."""
+        acts: list[Tensor | None] = [None] * len(self.nodes)
+        self.forward(x, backend, cache=acts, keep=self.reusable, cost_role=cost_role)
+        return acts
+
+    def refresh(self, acts: list[Tensor | None], backend, node: int, *, cost_role: str | None = None) -> None:
+        """Recompute `acts` (from :meth:`activations`) in place from node `node` on, after that
+        node's parameters (or a later node's) changed; the outputs before it are reused."""
+        if self.nodes[node].op == "input":
+            raise ValueError("refresh from a node after the input; run activations() on the batch instead")
+        self.forward(None, backend, start=node, cache=acts, keep=self.reusable, cost_role=cost_role)
+
     def _run_node(self, i: int, nd: Node, xs: list[Tensor], backend, cost_role: str | None, prepared=None) -> Tensor:
         """Node `nd` (at index i; a GEMM uses its prepared weight unless `prepared` is given), its
         MACs reported to the cost ledger under `cost_role`."""
@@ -210,7 +239,7 @@ class IntModel:
 
     def forward_population(self, x: Tensor, backend, node: int, weights: Tensor, *, biases: Tensor | None = None,
                            requant: tuple[int, Tensor] | None = None, cost_role: str | None = None,
-                           chunk_rows: int = 256) -> Tensor:
+                           prefix: list[Tensor | None] | None = None, chunk_rows: int = 256) -> Tensor:
         """Integer logits (P, N, classes) of P variants that differ in GEMM node `node`'s weights
         (P, *w.shape), optionally its integer biases (P, Cout), and optionally the per-channel
         multipliers of one later requantization node: `requant` = (index, (P, C) mantissas).
@@ -221,6 +250,10 @@ class IntModel:
         images (whole candidates each), with earlier outputs it reads (residual shortcuts) repeated
         per candidate. Chunking keeps the suffix's working set near a single batch's: one P*N batch
         would make it P times larger and slower per image than P separate passes.
+
+        `prefix`: the outputs of :meth:`activations` (or :meth:`refresh`) on this batch `x`; the
+        nodes before `node` are then not run at all -- nothing before `node` differs between
+        candidates, nor between generations that keep the batch and change only `node` or later.
         """
         p = int(weights.shape[0])
         n = int(x.shape[0])
@@ -228,9 +261,12 @@ class IntModel:
             raise ValueError(f"requant node {requant[0]} must be a requantization after GEMM node {node}")
         outs: list[Tensor | None] = [None] * len(self.nodes)
         last = self._last_use
-        for i in range(node):  # the shared prefix
-            nd = self.nodes[i]
-            outs[i] = self._run_node(i, nd, [x] if nd.op == "input" else [outs[j] for j in nd.inputs], backend, cost_role)
+        if prefix is not None:
+            outs[:node] = prefix[:node]
+        else:
+            for i in range(node):  # the shared prefix
+                nd = self.nodes[i]
+                outs[i] = self._run_node(i, nd, [x] if nd.op == "input" else [outs[j] for j in nd.inputs], backend, cost_role)
         nd = self.nodes[node]
         cout = int(nd.tensors["weight"].shape[0])
         pw = backend.prepare_weight(weights.reshape(p * cout, *weights.shape[2:]), IntRange(*nd.attrs["w_range"]))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from fqtbench.harness import GradientFreeModule
@@ -38,6 +40,7 @@ class CCEAModule(GradientFreeModule):
                 attrs["acc_bound"] = int(attrs["acc_bound"]) + p.bias_radius * int(layer.bias_step.max())
         self.last_fitness_evals = 0
         self.improvements = 0
+        self._kept: _KeptBatch | None = None
 
     # ---- one generation ----------------------------------------------------------------------
     def generation(self, batch, batch_idx: int) -> dict[str, float]:
@@ -58,12 +61,13 @@ class CCEAModule(GradientFreeModule):
         weights, biases, ms = st.split(li, flat)
         weights = weights.to(x.device, im.nodes[layer.node].tensors["weight"].dtype)
         biases = biases.to(x.device) if biases is not None else None
-        scales = (layer.scale_node, ms.to(x.device)) if ms is not None else None
-        logits = im.forward_population(x, self.backend, layer.node, weights, biases=biases, requant=scales, cost_role="fitness")
-        target = None
-        if self.teacher is not None:  # the integer teacher's logits on this batch, on the student's scale
-            target = requantize(self.teacher.forward(x, self.backend, cost_role="fitness"), self.teacher_rescale)
-        terms = fitness_terms(logits, y, self.margin_clip, self.cfg.params.fitness, target)
+        kept = self.kept_batch(x)
+        # the context's logits are kept; only the sampled candidates (rows 1..P) run, from its prefix
+        logits = torch.cat([kept.acts[-1].unsqueeze(0), im.forward_population(
+            x, self.backend, layer.node, weights[1:], biases=biases[1:] if biases is not None else None,
+            requant=(layer.scale_node, ms[1:].to(x.device)) if ms is not None else None,
+            prefix=kept.acts, cost_role="fitness")])
+        terms = fitness_terms(logits, y, self.margin_clip, self.cfg.params.fitness, kept.target)
         terms, n = self.sum_over_ranks(terms.cpu(), int(y.numel()))
         fit, correct = fitness_from_terms(terms, n, self.margin_clip, self.cfg.params.fitness)
         order = torch.argsort(-fit, stable=True)  # ties: the context (row 0) first, then sampling order
@@ -78,6 +82,7 @@ class CCEAModule(GradientFreeModule):
             if ms is not None:
                 im.nodes[layer.scale_node].tensors["m"] = ms[best].clone()
             self.improvements += 1
+            kept.stale_from = layer.node  # refreshed when the next generation keeps this batch
         st.generation += 1
         if st.generation % c.regroup_every == 0:
             st.regroup()
@@ -93,6 +98,25 @@ class CCEAModule(GradientFreeModule):
             "evals": c.pop_size + 1,
             "improved": int(improved),
         }
+
+    def kept_batch(self, x: torch.Tensor) -> "_KeptBatch":
+        """The context's reusable activations (and the teacher's logits) on batch `x`.
+
+        Computed once per batch and kept: where the fitness batch stays the same across
+        generations (digits: the whole training split every time) a generation runs only the
+        candidates' suffix, and after an improvement the context is recomputed from the changed
+        layer on. Exact: the kept tensors are what a fresh pass would compute."""
+        im, kept = self.int_model, self._kept
+        same = (kept is not None and kept.x.shape == x.shape and kept.x.device == x.device and torch.equal(kept.x, x))
+        if not same:
+            target = None
+            if self.teacher is not None:  # the integer teacher's logits on this batch, on the student's scale
+                target = requantize(self.teacher.forward(x, self.backend, cost_role="fitness"), self.teacher_rescale)
+            kept = self._kept = _KeptBatch(x.clone(), im.activations(x, self.backend, cost_role="fitness"), target)
+        elif kept.stale_from is not None:
+            im.refresh(kept.acts, self.backend, kept.stale_from, cost_role="fitness")
+        kept.stale_from = None
+        return kept
 
     def follow(self, device: torch.device) -> None:
         """Keep the integer model(s) on the device of the batches (the EDA state stays on the CPU)."""
@@ -169,6 +193,18 @@ class CCEAModule(GradientFreeModule):
     def on_load_checkpoint(self, checkpoint):
         blob = checkpoint["ccea"]
         self.int_model = IntModel.from_state(blob["int_model"])
+        self._kept = None  # activations of the model just replaced
         self.state.load_state_dict(blob["search"])
         self.improvements = int(blob["improvements"])
         self.best_val_top1, self.best_val_epoch = blob["best"]
+
+
+@dataclass
+class _KeptBatch:
+    """A fitness batch with the context's reusable activations on it (`IntModel.activations`);
+    `stale_from`: the GEMM node from which they must be recomputed, after an improvement."""
+
+    x: torch.Tensor
+    acts: list
+    target: torch.Tensor | None
+    stale_from: int | None = None
