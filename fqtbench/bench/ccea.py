@@ -70,10 +70,9 @@ def measure(name: str, backend, batch: int, pop: int, group: int, repeat: int) -
         im.refresh(kept, backend, node)
 
     timings = {
-        "fresh per generation (cifar10-r20-cpu)": (
-            lambda node: [c.forward(x, backend) for c in clones[node]], fresh),
-        "kept (digits: the whole training split)": (  # naive remembers the context's fitness too
-            lambda node: [c.forward(x, backend) for c in clones[node][1:]], held),
+        "fresh": (lambda node: [c.forward(x, backend) for c in clones[node]], fresh),
+        # naive remembers the context's fitness on a kept batch too
+        "kept": (lambda node: [c.forward(x, backend) for c in clones[node][1:]], held),
     }
     share = {node: im.nodes[node].tensors["weight"].numel() for node in im.gemm_nodes}
     total = sum(share.values())
@@ -225,9 +224,11 @@ def bench_ccea(
     emit("CC-EA fitness evaluation throughput", rows, json_out,
          notes=["target: batched+incremental >= 5x naive on resnet20",
                 "both paths checked bit-identical on every layer (also from kept activations, and after a refresh)",
-                "fresh batch: naive runs every candidate and the context in full; batched+incremental runs the "
-                "context once, keeping its activations, and each candidate from its layer on",
-                "kept batch: neither path re-runs the context; batched+incremental recomputes the context from the "
-                "searched layer on after every generation (as if each improved: an upper bound)",
+                "fitness batch fresh (a new one every generation, as on cifar10-r20-cpu): naive runs every candidate "
+                "and the context in full; batched+incremental runs the context once, keeping its activations, and "
+                "each candidate from its layer on",
+                "fitness batch kept (the same every generation, as on digits: the whole training split): neither "
+                "path re-runs the context; batched+incremental recomputes it from the searched layer on after "
+                "every generation (as if each improved: an upper bound)",
                 "evals/s and speed-up: layers mixed as the search picks them (in proportion to their weights); "
                 "last column: every layer weighted equally"])
