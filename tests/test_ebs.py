@@ -203,9 +203,11 @@ def test_tighter_target_chooses_fewer_bits(tmp_path):
         assert e["final_bitops"] == record.inference_bitops <= e["target_bitops"] == pytest.approx(ratio * e["reference_bitops"])
         assert e["search_cost"]["steps"] > 0 and e["retrain_cost"]["steps"] > 0
         assert e["search_cost"]["train_bitops"] > 0 and e["retrain_cost"]["train_bitops"] > 0
-        finals[ratio] = {l["name"]: l["w_bits"] * l["a_bits"] for l in e["searched_bits"]}
-    assert sum(finals[0.4].values()) < sum(finals[1.0].values())
-    assert finals[0.4]["body.1.conv"] < finals[1.0]["body.1.conv"]
+        finals[ratio] = (e["argmax_bitops"], {l["name"]: l["w_bits"] * l["a_bits"] for l in e["searched_bits"]})
+    # the search itself (its argmax, before any repair to the target) spends fewer BitOPs, and the
+    # layer that holds most of them gets fewer bits (cheap layers may rise: that is the trade)
+    assert finals[0.4][0] < finals[1.0][0]
+    assert finals[0.4][1]["body.1.conv"] < finals[1.0][1]["body.1.conv"]
 
 
 @pytest.mark.parametrize("overrides, key", [
