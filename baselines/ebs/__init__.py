@@ -53,7 +53,7 @@ class EBSConfig(StrictModel):
 
 class EBS(Method):
     name = "ebs"
-    version = "1"
+    version = "2"  # 2: Gumbel-softmax mixing by default (1: the plain softmax mixture)
     description = "efficient bitwidth search: shared meta weights, per-candidate strengths, BitOPs target, retrain"
     Config = EBSConfig
 
