@@ -38,7 +38,7 @@ class EBSConfig(StrictModel):
     strength_lr: float = Field(0.05, gt=0.0)
     search_optimizer: Literal["single-level", "bilevel", "mixed-level"] = "single-level"
     mixed_level_lambda: float = Field(1.0, ge=0.0)
-    gumbel: bool = True  # Gumbel-softmax mixing in training forwards (see README: why on by default)
+    gumbel: bool = False  # Gumbel-softmax mixing in training forwards (README: better on digits, collapses on CIFAR)
     temperature: float = Field(1.0, gt=0.0)  # softmax temperature at the start of the search ...
     final_temperature: float = Field(0.1, gt=0.0)  # ... annealed geometrically to this at its end
     grad_clip: float | None = Field(5.0, gt=0.0)  # max gradient norm of the network's parameters
@@ -53,7 +53,7 @@ class EBSConfig(StrictModel):
 
 class EBS(Method):
     name = "ebs"
-    version = "2"  # 2: Gumbel-softmax mixing by default (1: the plain softmax mixture)
+    version = "1"
     description = "efficient bitwidth search: shared meta weights, per-candidate strengths, BitOPs target, retrain"
     Config = EBSConfig
 
