@@ -76,6 +76,9 @@ def publish(folder: str | Path, project: str, entity: str | None = None, mode: s
     art.add_dir(str(folder))
     run.log_artifact(art)
     run.finish()
+    # finish() can return before the W&B service has written the offline log (seen once, under
+    # load: only the file header on disk); shutting the service down waits for it
+    wandb.teardown()
     return mode
 
 
