@@ -31,5 +31,6 @@ run: setup
 test: setup browser
 	$(BIN)/python -m pytest -q
 
+# removes the environment only: run records under runs/ are results, delete them by hand
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV)
