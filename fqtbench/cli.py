@@ -64,7 +64,8 @@ def run(
 ):
     """Train one method on one track, evaluate it on the shared integer engine, write its run record.
 
-    Precedence of settings: defaults < track < method defaults < --config < --set.
+    Precedence of settings: defaults < track < method defaults < the track's settings for the method
+    < --config < --set.
     """
     from .config import resolve
     from .harness.runner import execute, is_rank_zero
@@ -73,6 +74,10 @@ def run(
         raise UserError(f"--wandb={wandb!r}: allowed: online, offline, disabled")
     overrides = list(set_)
     if resume is not None:
+        ignored = [f"--set {v}" for v in set_] + [f"{flag} {v}" for flag, v in (
+            ("--track", track), ("--config", config), ("--seed", seed), ("--out", out), ("--wandb", wandb)) if v is not None]
+        if ignored:
+            raise UserError(f"--resume continues a run with its saved config, so these would be ignored: {', '.join(ignored)}")
         overrides.append(f"resume={resume}")
     cfg = resolve(method, track, config, overrides, seed=seed, out=out, wandb_mode=wandb)
     shown = cfg
@@ -187,7 +192,7 @@ def list_(
 
 @app.command("new-method")
 def new_method(
-    name: str = typer.Argument(..., metavar="NAME", help="Method name, e.g. my-quant (letters, digits, '-' and '_')."),
+    name: str = typer.Argument(..., metavar="NAME", help="Method name, e.g. my-quant (lower-case letters, digits, '-' and '_', starting with a letter)."),
     directory: Optional[Path] = typer.Option(None, "--dir", "-d", help="Where to write the plugin (default: ./fqtbench-<name>)."),
 ):
     """Write a ready-to-install plugin skeleton (pyproject, method, test) for a new method."""
@@ -225,10 +230,12 @@ def suite(
     """
     import time as _time
 
-    from .suite import expand, load_suite, mark_done, run_local, run_submitit, write_manifest
+    from .suite import check_executor, expand, load_suite, mark_done, run_local, run_submitit, write_manifest
 
     if executor not in ("local", "slurm", "submitit-local"):
         raise UserError(f"--executor={executor!r}: allowed: local, slurm, submitit-local")
+    if not dry_run:
+        check_executor(executor)
     spec = load_suite(file)
     out = out or Path("runs") / "suites" / spec.name
     cells = expand(spec, out)
@@ -306,8 +313,11 @@ def leaderboard_publish(
 
     if mode not in ("online", "offline", "disabled"):
         raise UserError(f"--mode={mode!r}: allowed: online, offline, disabled")
-    used = publish(folder, wandb_project, entity, mode)
+    used, offline_run = publish(folder, wandb_project, entity, mode)
     console.print(f"published {folder} to W&B project {wandb_project} ({used})")
+    if offline_run is not None:
+        console.print(f"  offline run: {offline_run}; upload it with `wandb sync {offline_run}`",
+                      markup=False, highlight=False, soft_wrap=True)
 
 
 # -------------------------------------------------------------------------------------------- bench

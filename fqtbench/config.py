@@ -66,7 +66,7 @@ class OptimConfig(StrictModel):
 
 
 class TrainerConfig(StrictModel):
-    max_epochs: int = Field(30, ge=0)
+    max_epochs: int = Field(30, ge=1)
     max_steps: int = Field(-1, ge=-1)
     max_time_s: float | None = Field(None, gt=0)
     accelerator: Literal["cpu", "gpu", "cuda", "auto"] = "cpu"
@@ -170,6 +170,8 @@ def list_tracks() -> list[str]:
 
 def load_yaml(path: str | Path, what: str = "config file") -> dict[str, Any]:
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{what} {p}: a folder, not a YAML file")
     if not p.is_file():
         raise ConfigError(f"{what} not found: {p}")
     try:
@@ -265,6 +267,8 @@ def _one_line_validation_error(exc: ValidationError, model_cls: type[BaseModel],
     key = _fmt_loc(prefix, loc) or (prefix or "config")
     value = err.get("input")
     etype = err.get("type", "")
+    if etype == "missing":
+        return ConfigError(f"{key}: required, and missing")
     if etype == "extra_forbidden":
         allowed = _allowed_keys(model_cls, loc)
         hint = f"; allowed keys here: {', '.join(allowed)}" if allowed else ""
@@ -305,6 +309,10 @@ def resolve(
     track = track or over.get("track") or file_layer.get("track") or "digits"
     if not isinstance(track, str):
         raise ConfigError(f"track={track!r}: must be a track name; allowed: {', '.join(list_tracks())}")
+    for where, layer in (("--set", over), ("the config file", file_layer)):
+        if "method" in layer and layer["method"] != method:
+            raise ConfigError(f"method={layer['method']!r} in {where}: the method is chosen by --method "
+                              f"(here {method!r}); remove the key or pass --method {layer['method']}")
     plugin = registry.methods.get(method)
 
     merged: dict[str, Any] = RunConfig().model_dump(mode="python")
@@ -324,6 +332,10 @@ def resolve(
     if wandb_mode is not None:
         merged.setdefault("wandb", {})["mode"] = wandb_mode
 
+    others = sorted(k for k in merged if k != method and k not in RunConfig.model_fields and k in registry.methods)
+    if others:
+        raise ConfigError(f"{others[0]}.*: options of the {others[0]} method, but this run's method is {method}; "
+                          f"use --method {others[0]} or drop them")
     method_section = merged.pop(method, {}) or {}
     if not isinstance(method_section, dict):
         raise ConfigError(f"{method}={method_section!r}: must be a section of {method} options")

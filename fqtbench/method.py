@@ -79,7 +79,7 @@ class Method:
         """Cross-field checks; raise ConfigError with one line."""
 
     def build(self, model, cfg: ResolvedConfig, data):  # -> pl.LightningModule
-        raise NotImplementedError
+        raise NotImplementedError(f"method {self.name!r} ({type(self).__name__}) does not define build(model, cfg, data)")
 
     def export(self, module, cfg: ResolvedConfig, data):  # -> IntModel | None
         """Default: calibrate activation ranges and export the module's network with the shared engine."""

@@ -114,11 +114,9 @@ class Registry(Generic[T]):
             except Exception as exc:  # a broken plugin must not take the others down
                 self._broken[ep.name] = PluginInfo(self.kind, ep.name, "?", dist, "", _one_line(exc))
                 continue
-            if getattr(obj, "name", None) != ep.name:
-                self._broken[ep.name] = PluginInfo(
-                    self.kind, ep.name, "?", dist, "",
-                    f"entry point '{ep.name}' loads an object named {getattr(obj, 'name', None)!r}",
-                )
+            problem = self._entry_point_problem(ep.name, obj)
+            if problem:
+                self._broken[ep.name] = PluginInfo(self.kind, ep.name, "?", dist, "", problem)
                 continue
             try:
                 self._add(obj, dist)
@@ -127,6 +125,20 @@ class Registry(Generic[T]):
                     self.kind, ep.name, str(getattr(obj, "version", "?")), dist, "", str(exc)
                 )
                 self._conflicts[ep.name] = str(exc)
+                first = self._info[ep.name]  # neither may run, so `list` shows both as refused
+                self._info[ep.name] = PluginInfo(first.kind, first.name, first.version, first.dist, first.description, str(exc))
+
+    def _entry_point_problem(self, ep_name: str, obj: Any) -> str | None:
+        """Why a loaded entry point is not a usable plugin object, or None."""
+        if isinstance(obj, type):
+            return (f"entry point '{ep_name}' loads the class {obj.__name__}; point it at an instance "
+                    f"(e.g. PLUGIN = {obj.__name__}())")
+        name = getattr(obj, "name", None)
+        if name is None:
+            return f"entry point '{ep_name}' loads a {type(obj).__name__} with no 'name'; expected a {self.kind} object named '{ep_name}'"
+        if name != ep_name:
+            return f"entry point '{ep_name}' loads a {self.kind} named {name!r}; the two names must match"
+        return None
 
     # -- lookup ------------------------------------------------------------------------------
     def get(self, name: str) -> T:

@@ -110,6 +110,8 @@ def write_plugin(name: str, directory: Path | None = None) -> Path:
     pkg = f"fqtbench_plugin_{ident}"
     cls = "".join(part.capitalize() for part in re.split(r"[-_]", name)) + "Method"
     target = Path(directory) if directory else Path(f"fqtbench-{name}")
+    if target.exists() and not target.is_dir():
+        raise UserError(f"new-method --dir {target}: a file, not a folder")
     if target.exists() and any(target.iterdir()):
         raise UserError(f"new-method: {target} exists and is not empty")
     (target / pkg).mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -36,7 +37,7 @@ import yaml
 from pydantic import Field
 
 from .config import ResolvedConfig, StrictModel, configs_root, load_yaml, resolve, save_resolved, validate
-from .errors import ConfigError
+from .errors import ConfigError, UserError
 from .records import atomic_write_text, iter_records
 
 MANIFEST = "suite.json"
@@ -85,6 +86,9 @@ def load_suite(path: str | Path) -> SuiteSpec:
         candidate = configs_root() / "suites" / f"{path}.yaml"
         if candidate.is_file():
             p = candidate
+        elif not p.exists():
+            shipped = sorted(f.stem for f in (configs_root() / "suites").glob("*.yaml"))
+            raise ConfigError(f"suite {str(path)!r}: no such file, nor a shipped suite; shipped: {', '.join(shipped)}")
     return validate(SuiteSpec, load_yaml(p, "suite file"))
 
 
@@ -102,7 +106,7 @@ def expand(spec: SuiteSpec, out: Path) -> list[Cell]:
                     over = {**spec.overrides, **spec.track_overrides.get(track, {}), **entry.overrides, **setting}
                     try:
                         cfg = resolve(entry.method, track, overrides=_sets(over), seed=seed, out=str(out))
-                    except ConfigError as exc:
+                    except UserError as exc:
                         raise ConfigError(f"suite {spec.name}, {entry.method} on {track} {setting or ''}: {exc}") from None
                     cells.append(Cell(entry.method, track, seed, dict(setting), cfg))
     return cells
@@ -165,8 +169,21 @@ def run_local(cells: list[Cell], out: Path, jobs: int, on_done: Callable[[Cell],
         list(pool.map(one, todo))
 
 
+def check_executor(executor: str) -> None:
+    """Refuse an executor this machine cannot run, before anything is written."""
+    if executor == "local":
+        return
+    try:
+        import submitit  # noqa: F401
+    except ImportError:
+        raise UserError(f"--executor {executor} needs submitit: pip install submitit") from None
+    if executor == "slurm" and shutil.which("sbatch") is None:
+        raise UserError("--executor slurm: no SLURM on this machine (sbatch is not on PATH); use --executor local")
+
+
 def run_submitit(cells: list[Cell], out: Path, cluster: str, slurm: dict[str, Any], on_done: Callable[[Cell], None]) -> None:
     """Submit every pending cell as one job (a SLURM array) through submitit and wait for them."""
+    check_executor("slurm" if cluster == "slurm" else "submitit-local")
     import submitit
 
     todo = [c for c in cells if c.status == "pending"]

@@ -9,6 +9,7 @@ an online init has a short timeout so that a run never hangs for lack of network
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,9 @@ class Tracker:
         self.logger = None
         if self.mode == "disabled":
             return
+        if cfg.wandb.mode == "online" and self.mode == "offline":
+            print("wandb: online asked for, but no API key (WANDB_API_KEY or ~/.netrc): logging offline; "
+                  f"upload later with `wandb sync {run_dir}/wandb/offline-run-*`", file=sys.stderr)
         _prepare_env(self.mode)
         from pytorch_lightning.loggers import WandbLogger
 
@@ -67,6 +71,8 @@ class Tracker:
             mode=self.mode,
             resume="allow",
         )
+        # Lightning passes anonymous=None, which wandb answers with a deprecation warning on every run
+        getattr(self.logger, "_wandb_init", {}).pop("anonymous", None)
 
     @property
     def run_dir(self) -> str | None:

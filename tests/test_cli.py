@@ -57,3 +57,55 @@ def test_run_on_digits_learns(cli, tmp_path, method, bits, bar):
         assert final["int_top1"] >= bar
         assert abs(final["gap"]) <= (0.5 if bits == 8 else 1.0)
     assert "summary" in out
+
+
+def test_a_mistaken_resume_is_refused_before_it_touches_the_run(cli, tmp_path):
+    """Resuming with another method, a finished run, options that would be ignored, or a folder that
+    is not a run: one line, exit 2, and the run's files byte for byte as they were."""
+    code, _, err = cli("run", "--method", "qat", "--out", str(tmp_path), "--set", "trainer.max_epochs=1")
+    assert code == 0, err
+    (run_dir,) = tmp_path.iterdir()
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    stray = tmp_path.parent / "not-a-run"
+    stray.mkdir()
+    (stray / "config.yaml").write_bytes(before["config.yaml"])
+    for args, needle in [
+        (["--method", "fp32", "--resume", str(run_dir)], "holds a qat run, not fp32: resume it with --method qat"),
+        (["--method", "qat", "--resume", str(run_dir)], "already finished (status ok)"),
+        (["--method", "qat", "--resume", str(run_dir), "--set", "trainer.max_epochs=3", "--seed", "2"],
+         "would be ignored: --set trainer.max_epochs=3, --seed 2"),
+        (["--method", "qat", "--resume", str(stray)], "no record.json inside"),
+    ]:
+        code, _, err = cli("run", *args)
+        assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
+
+
+@pytest.mark.parametrize("sets, needle", [
+    (["method=ccea"], "method='ccea' in --set: the method is chosen by --method"),
+    (["ccea.pop_size=8"], "ccea.*: options of the ccea method, but this run's method is qat"),
+    (["bits.w=1"], "bits.w=1: symmetric weight codes need at least 2 bits"),
+    (["trainer.max_epochs=0"], "trainer.max_epochs=0"),
+])
+def test_config_mistakes_are_refused_before_the_run(cli, tmp_path, sets, needle):
+    args = [a for s in sets for a in ("--set", s)]
+    code, _, err = cli("run", "--method", "qat", "--out", str(tmp_path), *args)
+    assert code == 2 and needle in err, err
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_records_get_the_mode_the_umask_gives(tmp_path):
+    """Atomic writes go through mkstemp (owner-only); the record must be as readable as any file."""
+    import os
+
+    from fqtbench.records import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.json", "{}")
+        os.umask(0o027)
+        atomic_write_text(tmp_path / "b.json", "{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "b.json").stat().st_mode & 0o777 == 0o640

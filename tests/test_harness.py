@@ -127,7 +127,9 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path):
             pass
         signal.signal(signal.SIGINT, handler)
         (part_dir,) = (tmp_path / "part").iterdir()
-        assert load_record(part_dir).status == "interrupted"
+        part = load_record(part_dir)
+        assert part.status == "interrupted"
+        assert 0 < part.training_cost["steps"] < full.training_cost["steps"]  # what it spent before the stop
         m.armed = False
         resumed, path_resumed = execute(resolve("qat-stop-test", overrides=[f"resume={part_dir}"]))
     finally:

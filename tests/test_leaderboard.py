@@ -178,13 +178,14 @@ def test_page_in_a_headless_browser(board):
         browser.close()
 
 
-def test_publish_offline_writes_a_run_to_sync_later(board, tmp_path, monkeypatch):
+def test_publish_offline_writes_a_run_to_sync_later(board, tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)
     copy = tmp_path / "lb"
     shutil.copytree(board, copy)
     assert main(["leaderboard", "publish", "--wandb-project", "fqtbench-test", "--dir", str(copy)]) == 0
     (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
+    assert f"wandb sync {run_dir}" in capsys.readouterr().out  # the user is told where it went
     (log,) = run_dir.glob("*.wandb")
     assert log.stat().st_size > 0
     blob = log.read_bytes()

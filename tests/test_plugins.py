@@ -48,6 +48,8 @@ def test_list_shows_third_party_duplicate_and_broken_plugins(installed):
     assert "toy" in out and "fqtbench-toy" in out and "0.3" in out
     assert "fqtbench-broken" in out and "ModuleNotFoundError" in out
     assert "fqtbench-dup" in out and "duplicate" in out
+    qat_rows = [l for l in out.splitlines() if l.strip("│ ").startswith("qat ")]
+    assert len(qat_rows) == 2 and all("BROKEN" in l for l in qat_rows)  # neither may run, so neither looks usable
     assert "fp32" in out  # the others keep working
 
 
@@ -87,6 +89,18 @@ def test_runtime_registration_refuses_duplicates():
     with pytest.raises(DuplicateNameError, match="'a' and 'b'"):
         reg.register(W(), dist="b")
     assert reg.names() == ["w"]
+
+
+def test_an_entry_point_must_load_an_instance_of_its_own_name():
+    reg: Registry = Registry("method", "fqtbench.tests.none")
+
+    class M:
+        name, version, description = "m", "1", "a method"
+
+    assert "point it at an instance (e.g. PLUGIN = M())" in reg._entry_point_problem("m", M)
+    assert "loads a str with no 'name'" in reg._entry_point_problem("m", "fqtbench_m:METHOD")
+    assert "named 'm'; the two names must match" in reg._entry_point_problem("n", M())
+    assert reg._entry_point_problem("m", M()) is None
 
 
 def test_new_method_skeleton_installs_and_its_test_passes(tmp_path):

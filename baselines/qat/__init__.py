@@ -39,6 +39,10 @@ class QAT(Method):
     def validate_config(self, cfg: ResolvedConfig) -> None:
         if cfg.bits.g_input is not None or cfg.bits.g_weight is not None:
             raise ConfigError("bits.g_input/bits.g_weight: qat keeps full-precision gradients; use --method fqt to quantize them")
+        for key in ("w", "first_last"):
+            v = getattr(cfg.bits, key)
+            if v is not None and v < 2:
+                raise ConfigError(f"bits.{key}={v}: symmetric weight codes need at least 2 bits")
 
     def build(self, model, cfg: ResolvedConfig, data) -> FQTModule:
         backend = registry.backends.get(cfg.engine.backend).with_overflow(cfg.engine.overflow) if cfg.exec == "int" else None

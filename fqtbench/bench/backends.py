@@ -46,10 +46,10 @@ def models_for(name: str, bits: int, batch: int):
 def bench_backends(
     models: str = typer.Option("cnn-s,resnet20", help="Comma-separated: cnn-s, resnet20."),
     backends: str = typer.Option("int8,bitserial,reference", help="Backends to time."),
-    bits: int = typer.Option(8, help="Weight and activation bits of the exported IntModel."),
-    batch: int = typer.Option(256, help="Images per forward pass."),
-    repeat: int = typer.Option(5, help="Timed repetitions (median)."),
-    threads: int = typer.Option(0, help="torch threads (0: torch's default)."),
+    bits: int = typer.Option(8, min=2, max=8, help="Weight and activation bits of the exported IntModel."),
+    batch: int = typer.Option(256, min=1, help="Images per forward pass."),
+    repeat: int = typer.Option(5, min=1, help="Timed repetitions (median)."),
+    threads: int = typer.Option(0, min=0, help="torch threads (0: torch's default)."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ):
     """Integer inference images/s per backend vs the fp32 model, and GOP/s vs the _int_mm ceiling."""

@@ -191,11 +191,11 @@ def _with_weight(im, node, w):
 def bench_ccea(
     models: str = typer.Option("cnn-s,resnet20", help="Comma-separated: cnn-s, resnet20."),
     backend: str = typer.Option("int8", help="Integer backend."),
-    batch: int = typer.Option(256, help="Mini-batch of one fitness evaluation."),
-    pop: int = typer.Option(9, help="Candidates per generation (pop_size + the context)."),
-    group: int = typer.Option(32, help="Weights per active group."),
-    repeat: int = typer.Option(3, help="Timed repetitions (median)."),
-    threads: int = typer.Option(0, help="torch threads (0: torch's default; with --ranks: per process, default 1)."),
+    batch: int = typer.Option(256, min=1, help="Mini-batch of one fitness evaluation."),
+    pop: int = typer.Option(9, min=2, help="Candidates per generation (pop_size + the context)."),
+    group: int = typer.Option(32, min=1, help="Weights per active group."),
+    repeat: int = typer.Option(3, min=1, help="Timed repetitions (median)."),
+    threads: int = typer.Option(0, min=0, help="torch threads (0: torch's default; with --ranks: per process, default 1)."),
     ranks: int = typer.Option(1, help="With N > 1: sharded evaluation (each process takes its share of the "
                                       "mini-batch) on 1 and on N processes, instead of naive vs batched."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),

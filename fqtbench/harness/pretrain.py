@@ -51,7 +51,14 @@ def pretrained_fp32(cfg: ResolvedConfig, data, model: nn.Module, checkpoint: str
         path = Path(checkpoint)
         if not path.is_file():
             raise ConfigError(f"pretrained checkpoint {checkpoint!r} does not exist")
-        _load_into(model, torch.load(path, map_location="cpu", weights_only=True))
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ConfigError(f"pretrained checkpoint {checkpoint!r}: not a run's last.ckpt or a state_dict file ({first[:120]})") from None
+        if not isinstance(blob, dict):
+            raise ConfigError(f"pretrained checkpoint {checkpoint!r}: holds a {type(blob).__name__}, not a state_dict")
+        _load_into(model, blob)
         return {"source": str(path), "training_cost": None}
     fcfg = fp32_config(cfg)
     key = fcfg.identity_hash()

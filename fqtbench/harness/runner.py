@@ -108,11 +108,22 @@ def quiet_libraries() -> None:
 
 
 def prepare_resume(cfg: ResolvedConfig) -> tuple[ResolvedConfig, Path]:
-    """`resume: RUN_DIR` -> the saved config of that run (the resume path kept) and its folder."""
+    """`resume: RUN_DIR` -> the saved config of that run (the resume path kept) and its folder.
+
+    Checked before anything is written, so a mistaken resume cannot overwrite a run's record: the
+    folder must hold a run of the same method that has not finished."""
     run_dir = Path(cfg.resume)
     if not (run_dir / CONFIG_NAME).is_file():
         raise ConfigError(f"resume={cfg.resume!r}: not a run folder (no {CONFIG_NAME} inside)")
+    if not (run_dir / RECORD_NAME).is_file():
+        raise ConfigError(f"resume={cfg.resume!r}: no {RECORD_NAME} inside, so it is not a run this tool started")
     saved = load_resolved(run_dir / CONFIG_NAME)
+    if saved.method != cfg.method:
+        raise ConfigError(f"resume={cfg.resume!r} holds a {saved.method} run, not {cfg.method}: "
+                          f"resume it with --method {saved.method}")
+    status = load_record(run_dir).status
+    if status == "ok":
+        raise ConfigError(f"resume={cfg.resume!r}: that run already finished (status ok); nothing to resume")
     saved.run.resume = str(run_dir)
     return saved, run_dir
 
@@ -165,6 +176,7 @@ def execute(cfg: ResolvedConfig, on_event: Callable[[str], None] | None = None) 
         record.write(run_dir)
     tracker = Tracker(cfg, run_dir, run_id, group=f"{cfg.track}/{record.bits_tag}", job_type=method.name) if rank_zero else None
     trainer = None
+    meter: CostMeter | None = None
     inherited = os.environ.get(RUN_ID_ENV)
     if rank_zero:
         os.environ[RUN_ID_ENV] = run_id  # for the ranks Lightning's launcher starts from this process
@@ -193,6 +205,7 @@ def execute(cfg: ResolvedConfig, on_event: Callable[[str], None] | None = None) 
         record.pretraining_cost = getattr(module, "pretraining_cost", None)
         record.status = "ok"
     except (KeyboardInterrupt, SystemExit) as exc:
+        _cost_so_far(record, meter)
         if isinstance(exc, SystemExit) and not (trainer is not None and trainer.interrupted):
             _finish(record, record_path, tracker, f"failed: exited with code {exc.code}", rank_zero)
             raise
@@ -200,9 +213,11 @@ def execute(cfg: ResolvedConfig, on_event: Callable[[str], None] | None = None) 
         _finish(record, record_path, tracker, "interrupted", rank_zero)
         raise RunInterrupted(f"interrupted; record at {record_path}") from None
     except UserError as exc:
+        _cost_so_far(record, meter)
         _finish(record, record_path, tracker, f"failed: {exc}", rank_zero)
         raise
     except Exception as exc:
+        _cost_so_far(record, meter)
         first = (str(exc).strip().splitlines() or [""])[0]
         _finish(record, record_path, tracker, f"failed: {type(exc).__name__}: {first}", rank_zero)
         raise RunFailed(f"run failed: {type(exc).__name__}: {first} (record: {record_path})") from exc
@@ -214,6 +229,16 @@ def execute(cfg: ResolvedConfig, on_event: Callable[[str], None] | None = None) 
                 os.environ[RUN_ID_ENV] = inherited
     _finish(record, record_path, tracker, "ok", rank_zero)
     return record, record_path
+
+
+def _cost_so_far(record: RunRecord, meter: CostMeter | None) -> None:
+    """An interrupted or failed run's record still says what it spent (a resume carries on from its
+    last checkpoint, so its final record may count fewer steps than this one)."""
+    if meter is not None and not record.training_cost:
+        try:
+            record.training_cost = meter.summary()
+        except Exception:  # the record must be written whatever the meter's state
+            pass
 
 
 def _finish(record: RunRecord, path: Path, tracker: Tracker | None, status: str, rank_zero: bool) -> None:

@@ -30,7 +30,9 @@ def build(runs: list[str | Path], out: str | Path, note: str | None = None) -> L
     roots = [Path(r) for r in runs]
     for r in roots:
         if not r.is_dir():
-            raise DataError(f"--runs {r}: no such folder")
+            raise DataError(f"--runs {r}: " + ("a file, not a folder of run records" if r.exists() else "no such folder"))
+    if Path(out).exists() and not Path(out).is_dir():
+        raise DataError(f"--out {out}: a file, not a folder (the leaderboard is a folder of pages and plots)")
     ok_runs, failed = collect(roots)
     if not ok_runs:
         raise DataError(f"no ok run records under {', '.join(map(str, roots))}")
@@ -50,8 +52,9 @@ def build(runs: list[str | Path], out: str | Path, note: str | None = None) -> L
     return Leaderboard(out, rows, ok_runs, failed)
 
 
-def publish(folder: str | Path, project: str, entity: str | None = None, mode: str = "offline") -> str:
-    """Log each track's table as a wandb.Table and the whole folder as an artifact; returns the mode used."""
+def publish(folder: str | Path, project: str, entity: str | None = None, mode: str = "offline") -> tuple[str, Path | None]:
+    """Log each track's table as a wandb.Table and the whole folder as an artifact; returns the mode
+    used and, offline, the W&B run folder that `wandb sync` uploads later."""
     import csv
 
     from ..tracking import _prepare_env, decide_mode
@@ -61,7 +64,7 @@ def publish(folder: str | Path, project: str, entity: str | None = None, mode: s
         raise DataError(f"{folder} has no results.csv: run `fqtbench leaderboard build --out {folder}` first")
     mode = decide_mode(mode)
     if mode == "disabled":
-        return mode
+        return mode, None
     _prepare_env(mode)
     import wandb
 
@@ -75,11 +78,12 @@ def publish(folder: str | Path, project: str, entity: str | None = None, mode: s
     art = wandb.Artifact("leaderboard", type="leaderboard", description="fqtbench leaderboard (tables, plots, page)")
     art.add_dir(str(folder))
     run.log_artifact(art)
+    run_folder = Path(run.dir).parent if mode == "offline" else None
     run.finish()
     # finish() can return before the W&B service has written the offline log (seen once, under
     # load: only the file header on disk); shutting the service down waits for it
     wandb.teardown()
-    return mode
+    return mode, run_folder
 
 
 __all__ = ["METRICS", "Leaderboard", "build", "publish"]
