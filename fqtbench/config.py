@@ -389,6 +389,22 @@ def _check_names(run: RunConfig) -> None:
                 reg.get(value)
             except UserError as exc:
                 raise ConfigError(f"{key}={value!r}: {exc}") from None
+    _check_strategy(run.trainer.strategy)
+
+
+SPAWNING = ("ddp_spawn", "ddp_fork", "ddp_notebook")
+
+
+def _check_strategy(strategy: str) -> None:
+    """A Lightning strategy name, refused here rather than when the run has started; the spawning
+    ones never work (the launching process must evaluate its own trained module)."""
+    from pytorch_lightning.strategies import StrategyRegistry
+
+    if strategy == "auto" or (strategy in StrategyRegistry.available_strategies() and not strategy.startswith(SPAWNING)):
+        return
+    why = "spawned processes cannot hand back a method's state" if strategy.startswith(SPAWNING) else "unknown"
+    raise ConfigError(f"trainer.strategy={strategy!r}: {why}; allowed: auto or ddp (adapted to the method), "
+                      "or another of Lightning's strategies that is not a spawn/fork/notebook variant")
 
 
 def save_resolved(cfg: ResolvedConfig, path: Path) -> None:

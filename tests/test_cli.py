@@ -86,6 +86,8 @@ def test_a_mistaken_resume_is_refused_before_it_touches_the_run(cli, tmp_path):
     (["ccea.pop_size=8"], "ccea.*: options of the ccea method, but this run's method is qat"),
     (["bits.w=1"], "bits.w=1: symmetric weight codes need at least 2 bits"),
     (["trainer.max_epochs=0"], "trainer.max_epochs=0"),
+    (["trainer.strategy=foo"], "trainer.strategy='foo': unknown"),
+    (["trainer.strategy=ddp_spawn"], "trainer.strategy='ddp_spawn': spawned processes cannot hand back"),
 ])
 def test_config_mistakes_are_refused_before_the_run(cli, tmp_path, sets, needle):
     args = [a for s in sets for a in ("--set", s)]

@@ -65,6 +65,11 @@ def test_digits_info(digits_pair):
     assert info.classes == tuple(str(i) for i in range(10))
 
 
+def test_digits_says_it_ignores_a_data_root():
+    with pytest.warns(UserWarning, match="data.root='/elsewhere' is not used"):
+        DIGITS_SPEC.build(make_cfg(root="/elsewhere"), 0)
+
+
 def test_digits_split_fixed_disjoint_and_stratified(digits_pair):
     from sklearn.datasets import load_digits
 

@@ -7,6 +7,7 @@ There is no augmentation for digits: data.augment is ignored (crops/flips destro
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,9 @@ def build_digits(cfg: Any, seed: int) -> FQTDataModule:
     from sklearn.datasets import load_digits
 
     check_common_cfg(cfg)
+    root = cfg_get(cfg, "root", None)
+    if root:  # not an error: one config file may serve a CIFAR track and digits
+        warnings.warn(f"data.root={root!r} is not used: the digits data is embedded (scikit-learn)", UserWarning, stacklevel=2)
     size = cfg_get(cfg, "image_size", None)
     if size not in (None, 8):
         raise ConfigError(f"data.image_size={size} is not allowed for digits: the images are 8x8 (use null or 8)")

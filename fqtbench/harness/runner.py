@@ -20,7 +20,7 @@ import pytorch_lightning as pl
 import torch
 
 from .. import registry
-from ..config import ResolvedConfig, load_resolved, save_resolved
+from ..config import SPAWNING, ResolvedConfig, load_resolved, save_resolved
 from ..errors import ConfigError, UserError
 from ..records import RECORD_NAME, RunRecord, environment, load_record
 from ..tracking import Tracker
@@ -306,7 +306,7 @@ def ddp_strategy_for(module: pl.LightningModule | None, strategy: str, processes
     `ddp_find_unused_parameters = True`. Spawn-based strategies are refused: the launching process
     evaluates and writes the record, and they hand it back only the parameters, not a method's
     own state (CC-EA's integer model, BSQ's bit structure)."""
-    if strategy.startswith(("ddp_spawn", "ddp_fork", "ddp_notebook")):
+    if strategy.startswith(SPAWNING):
         raise ConfigError(f"trainer.strategy={strategy!r} is not supported: use 'ddp' (the same processes, "
                           "launched as subprocesses, and rank 0 evaluates its own trained module)")
     if strategy == "auto" and processes > 1:
