@@ -111,3 +111,10 @@ def test_records_get_the_mode_the_umask_gives(tmp_path):
         os.umask(old)
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "b.json").stat().st_mode & 0o777 == 0o640
+
+
+def test_a_model_option_the_model_rejects_is_named(cli, tmp_path):
+    code, _, err = cli("run", "--method", "qat", "--out", str(tmp_path), "--set", "model.name=mlp",
+                       "--set", "model.options.hidden=[abc]")
+    assert code == 2 and "model.options={'hidden': ['abc']} for model 'mlp'" in err, err
+    assert only_record(tmp_path).status.startswith("failed: model.options=")  # the failed run says why

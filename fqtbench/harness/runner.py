@@ -184,7 +184,7 @@ def execute(cfg: ResolvedConfig, on_event: Callable[[str], None] | None = None) 
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
         say("data")
         data = registry.datasets.get(cfg.data.name).build(cfg.data, cfg.seed)
-        model = registry.models.get(cfg.model.name).build(data.info, **cfg.model.options)
+        model = build_model(cfg, data.info)
         module = method.build(model, cfg, data)
         meter = CostMeter()
         trainer = make_trainer(cfg, run_dir, meter, tracker.logger if tracker else None, module)
@@ -229,6 +229,18 @@ def execute(cfg: ResolvedConfig, on_event: Callable[[str], None] | None = None) 
                 os.environ[RUN_ID_ENV] = inherited
     _finish(record, record_path, tracker, "ok", rank_zero)
     return record, record_path
+
+
+def build_model(cfg: ResolvedConfig, info):
+    """The track's model; a model option it rejects is the user's to fix, so it is named in one line."""
+    options = dict(cfg.model.options)
+    try:
+        return registry.models.get(cfg.model.name).build(info, **options)
+    except (TypeError, ValueError) as exc:
+        if not options:
+            raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"model.options={options!r} for model {cfg.model.name!r}: {first}") from exc
 
 
 def _cost_so_far(record: RunRecord, meter: CostMeter | None) -> None:
