@@ -170,7 +170,7 @@ class SearchState:
         return layer.confidence() < cfg.saturation
 
     def pick_layer(self, cfg: SearchConfig) -> int:
-        """A layer index, with probability proportional to its number of searching weights."""
+        """A layer index, with probability proportional to its number of searching variables."""
         sizes = torch.tensor([int(self.searching(l, cfg).sum()) for l in self.layers], dtype=torch.int64)
         if int(sizes.sum()) == 0:  # everything saturated: regroup now
             self.regroup()

@@ -70,8 +70,8 @@ def _quantized_export(model, w_bits, a_bits, first_last, granularity, data, e, i
 
 
 def margin_clip(im: IntModel, x: Tensor, backend, shift: int = 0) -> int:
-    """The power of two at or above the median |logit margin| of the start model, times 2^shift
-    (at least 1; integer only)."""
+    """The smallest power of two above the start model's median gap between its two largest logits
+    on `x` (label-free), times 2^shift; at least 1; integer only."""
     logits = im.forward(x, backend).to(torch.int64)
     top2 = logits.topk(2, dim=1).values
     med = int((top2[:, 0] - top2[:, 1]).median())
