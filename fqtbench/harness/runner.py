@@ -205,21 +205,18 @@ def execute(cfg: ResolvedConfig, on_event: Callable[[str], None] | None = None) 
         record.pretraining_cost = getattr(module, "pretraining_cost", None)
         record.status = "ok"
     except (KeyboardInterrupt, SystemExit) as exc:
-        _cost_so_far(record, meter)
         if isinstance(exc, SystemExit) and not (trainer is not None and trainer.interrupted):
-            _finish(record, record_path, tracker, f"failed: exited with code {exc.code}", rank_zero)
+            _finish(record, record_path, tracker, f"failed: exited with code {exc.code}", rank_zero, meter)
             raise
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        _finish(record, record_path, tracker, "interrupted", rank_zero)
+        _finish(record, record_path, tracker, "interrupted", rank_zero, meter)
         raise RunInterrupted(f"interrupted; record at {record_path}") from None
     except UserError as exc:
-        _cost_so_far(record, meter)
-        _finish(record, record_path, tracker, f"failed: {exc}", rank_zero)
+        _finish(record, record_path, tracker, f"failed: {exc}", rank_zero, meter)
         raise
     except Exception as exc:
-        _cost_so_far(record, meter)
         first = (str(exc).strip().splitlines() or [""])[0]
-        _finish(record, record_path, tracker, f"failed: {type(exc).__name__}: {first}", rank_zero)
+        _finish(record, record_path, tracker, f"failed: {type(exc).__name__}: {first}", rank_zero, meter)
         raise RunFailed(f"run failed: {type(exc).__name__}: {first} (record: {record_path})") from exc
     finally:
         if rank_zero:
@@ -227,7 +224,7 @@ def execute(cfg: ResolvedConfig, on_event: Callable[[str], None] | None = None) 
                 os.environ.pop(RUN_ID_ENV, None)
             else:
                 os.environ[RUN_ID_ENV] = inherited
-    _finish(record, record_path, tracker, "ok", rank_zero)
+    _finish(record, record_path, tracker, "ok", rank_zero, meter)
     return record, record_path
 
 
@@ -243,17 +240,15 @@ def build_model(cfg: ResolvedConfig, info):
         raise ConfigError(f"model.options={options!r} for model {cfg.model.name!r}: {first}") from exc
 
 
-def _cost_so_far(record: RunRecord, meter: CostMeter | None) -> None:
-    """An interrupted or failed run's record still says what it spent (a resume carries on from its
-    last checkpoint, so its final record may count fewer steps than this one)."""
+def _finish(record: RunRecord, path: Path, tracker: Tracker | None, status: str, rank_zero: bool,
+            meter: CostMeter | None = None) -> None:
+    """Write the final record. An interrupted or failed run still says what it spent (a resume
+    carries on from its last checkpoint, so its final record may count fewer steps than this one)."""
     if meter is not None and not record.training_cost:
         try:
             record.training_cost = meter.summary()
         except Exception:  # the record must be written whatever the meter's state
             pass
-
-
-def _finish(record: RunRecord, path: Path, tracker: Tracker | None, status: str, rank_zero: bool) -> None:
     record.status = status
     record.finished_at = _now()
     if not rank_zero:
