@@ -131,14 +131,14 @@ def _summary_row(r) -> dict[str, str]:
 
 
 def print_summary(records, paths) -> None:
-    """One run: a field/value table; several: one row per run."""
+    """One run: a field/value table, then its record's path on a line of its own (a path folded
+    inside a table cell cannot be copied); several: one row per run."""
     if len(records) == 1:
         table = Table(title="fqtbench run summary", show_header=False)
         table.add_column("field", style="bold")
         table.add_column("value", overflow="fold")
         for k, v in _summary_row(records[0]).items():
             table.add_row(k, v)
-        table.add_row("record", str(paths[0]))
     else:
         rows = [_summary_row(r) for r in records]
         table = Table(title="fqtbench runs")
@@ -147,6 +147,8 @@ def print_summary(records, paths) -> None:
         for row in rows:
             table.add_row(*row.values())
     console.print(table)
+    if len(records) == 1:
+        console.print(f"record: {paths[0]}", soft_wrap=True, highlight=False)
 
 
 # --------------------------------------------------------------------------------------------- list

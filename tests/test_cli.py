@@ -57,6 +57,8 @@ def test_run_on_digits_learns(cli, tmp_path, method, bits, bar):
         assert final["int_top1"] >= bar
         assert abs(final["gap"]) <= (0.5 if bits == 8 else 1.0)
     assert "summary" in out
+    path = next(tmp_path.glob("*/record.json"))
+    assert f"record: {path}" in out.splitlines()  # whole, on one line: it can be copied
 
 
 def test_a_mistaken_resume_is_refused_before_it_touches_the_run(cli, tmp_path):
