@@ -87,6 +87,8 @@ def test_a_mistaken_resume_is_refused_before_it_touches_the_run(cli, tmp_path):
     (["method=ccea"], "method='ccea' in --set: the method is chosen by --method"),
     (["ccea.pop_size=8"], "ccea.*: options of the ccea method, but this run's method is qat"),
     (["bits.w=1"], "bits.w=1: symmetric weight codes need at least 2 bits"),
+    (["bits.w=12"], "bits.w=12: qat exports to the shared integer engine, which evaluates at most 8-bit"),
+    (["bits.a=9"], "bits.a=9: qat exports"),
     (["trainer.max_epochs=0"], "trainer.max_epochs=0"),
     (["trainer.strategy=foo"], "trainer.strategy='foo': unknown"),
     (["trainer.strategy=ddp_spawn"], "trainer.strategy='ddp_spawn': spawned processes cannot hand back"),

@@ -298,7 +298,8 @@ def test_config_tags_and_precision():
     default = resolve("fqt")
     assert method.bits_tag(default) == "w8a8g8-bhq"
     assert "householder" in method.precision(default).grad_input.granularity
-    for bad in (["bits.g_input=null"], ["bits.g_weight=1"], ["bits.w=16"], ["fqt.quantizer=hadamard"]):
+    for bad in (["bits.g_input=null"], ["bits.g_weight=1"], ["bits.w=16"], ["bits.w=10"], ["bits.a=12"],
+                ["bits.first_last=9"], ["fqt.quantizer=hadamard"]):
         with pytest.raises(ConfigError):
             resolve("fqt", overrides=bad)
 

@@ -15,6 +15,7 @@ from typing import Literal
 
 from fqtbench import registry
 from fqtbench.config import ConfigError, ResolvedConfig, StrictModel
+from fqtbench.engine.export import check_exportable_bits
 from fqtbench.harness import FQTModule
 from fqtbench.method import Method, PrecisionSpec, RoleSpec
 from fqtbench.nn import LayerQuant, quant_layers
@@ -57,6 +58,7 @@ class FQT(Method):
                 raise ConfigError(f"bits.{key}={v!r}: fqt needs {MIN_BITS}..{MAX_BITS} bits here (gradients are always quantized)")
         if b.first_last is not None and b.first_last < MIN_BITS:
             raise ConfigError(f"bits.first_last={b.first_last!r}: fqt's exact-zero weights need at least {MIN_BITS} bits")
+        check_exportable_bits(b, "fqt")
 
     def build(self, model, cfg: ResolvedConfig, data) -> FQTModule:
         b, kind = cfg.bits, cfg.params.quantizer

@@ -11,6 +11,7 @@ from typing import Literal
 
 from fqtbench import registry
 from fqtbench.config import ConfigError, ResolvedConfig, StrictModel
+from fqtbench.engine.export import check_exportable_bits
 from fqtbench.harness import FQTModule
 from fqtbench.method import Method, PrecisionSpec, RoleSpec
 from fqtbench.quant.attach import attach_standard
@@ -43,6 +44,7 @@ class QAT(Method):
             v = getattr(cfg.bits, key)
             if v is not None and v < 2:
                 raise ConfigError(f"bits.{key}={v}: symmetric weight codes need at least 2 bits")
+        check_exportable_bits(cfg.bits, "qat")
 
     def build(self, model, cfg: ResolvedConfig, data) -> FQTModule:
         backend = registry.backends.get(cfg.engine.backend).with_overflow(cfg.engine.overflow) if cfg.exec == "int" else None

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import UserError
+from ..errors import ConfigError, UserError
 from ..nn import BasicBlock, ConvBNReLU, GlobalAvgPool, Normalize, QConv2d, QLinear, QNet, quant_layers
 from ..quant import ActQuantizer
 from .intmodel import IntModel, Node
@@ -36,6 +36,16 @@ MAX_ENGINE_BITS = 8
 
 class ExportError(UserError):
     """The network cannot be expressed in integers (missing quantizer, too many bits, ...)."""
+
+
+def check_exportable_bits(bits, method: str, keys=("w", "a", "first_last")) -> None:
+    """Refuse forward bit-widths the engine cannot evaluate when the config resolves: the export
+    comes after training, so a run would otherwise spend its whole budget and then fail."""
+    for key in keys:
+        v = getattr(bits, key)
+        if v is not None and v > MAX_ENGINE_BITS:
+            raise ConfigError(f"bits.{key}={v}: {method} exports to the shared integer engine, which evaluates "
+                              f"at most {MAX_ENGINE_BITS}-bit weights and activations; allowed: up to {MAX_ENGINE_BITS}")
 
 
 @dataclass
