@@ -41,9 +41,11 @@ def test_schedule_ramps_up_restarts_and_matches_the_official_rint():
     bits = [cyclic_bits(s, t, 3, 8) for s in range(3 * t)]
     assert bits[0] == 3 and bits[t - 1] == 8 and bits[t] == 3 and bits[2 * t] == 3  # ramp up, restart
     assert all(a <= b for a, b in zip(bits[:t - 1], bits[1:t]))  # non-decreasing within a cycle
-    for lo, hi in ((3, 8), (3, 6), (4, 8), (2, 5)):
-        official = np.rint(lo + 0.5 * (hi - lo) * (1 + np.cos(np.pi * (np.arange(t) % t) / t + np.pi)))
-        assert [cyclic_bits(s, t, lo, hi) for s in range(t)] == official.astype(int).tolist()
+    for cycle, lo, hi in ((t, 3, 8), (t, 3, 6), (t, 4, 8), (t, 2, 5), (39, 4, 6), (39, 2, 8)):
+        # the official expression divides first: pi * ((i % T) / T); pi * (i % T) / T flips the
+        # 4-6 and 2-8 ties at i/T = 1/3 and 2/3 (T = 39, i = 26: 5.5 vs 5.499999999999999)
+        official = np.rint(lo + 0.5 * (hi - lo) * (1 + np.cos(np.pi * ((np.arange(cycle) % cycle) / cycle) + np.pi)))
+        assert [cyclic_bits(s, cycle, lo, hi) for s in range(cycle)] == official.astype(int).tolist(), (cycle, lo, hi)
     # the ramp lands exactly on 4.5 mid-cycle for 3-6: half to even gives 4 (round-half-up would give 5)
     assert 3 + 0.5 * 3 * (1 + math.cos(math.pi * 1000 / 2000 + math.pi)) == 4.5
     assert cyclic_bits(1000, 2000, 3, 6) == 4
