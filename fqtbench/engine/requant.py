@@ -46,7 +46,7 @@ class FixedPoint:
         if nonzero:
             shared = (p - 1) - math.floor(math.log2(max(nonzero)))  # the largest gets p bits
             smallest_bits = math.floor(math.log2(min(nonzero))) + shared + 1
-            if len(values) > 1 and smallest_bits >= MIN_SHARED_BITS and -62 < shared <= 120:
+            if len(values) > 1 and smallest_bits >= MIN_SHARED_BITS and -62 < shared <= 62:
                 ms = [int(round(x * 2.0**shared)) for x in values]
                 if max(abs(m) for m in ms) < 2**p:
                     return cls(torch.tensor(ms, dtype=torch.int64).reshape(mult.shape),
@@ -63,7 +63,7 @@ class FixedPoint:
             if m >= 2**p:  # rounding reached the next power of two
                 m //= 2
                 shift -= 1
-            if shift > 120:  # vanishingly small multiplier: the result is 0 for every representable input
+            if shift > 62:  # |v * m| < 2^62, so a shift of 63 or more rounds every input to 0 (and 1 << 63 overflows)
                 m, shift = 0, 0
             ms.append(m if x > 0 else -m)
             shifts.append(shift)
