@@ -38,3 +38,15 @@ def test_every_method_runs_on_cuda(method, cli, tmp_path):
 
     rec = only_record(tmp_path)
     assert rec.ok and rec.host["device"] != "cpu"
+
+
+def test_ccea_searching_biases_and_scales_runs_on_cuda(cli, tmp_path):
+    """The searched multipliers and biases are stored into the model on its device."""
+    code, out, err = cli("run", "--method", "ccea", "--out", str(tmp_path), "--set", "trainer.accelerator=cuda",
+                         "--set", "trainer.max_steps=60", "--set", "trainer.progress=false",
+                         "--set", "ccea.search_biases=true", "--set", "ccea.search_scales=true")
+    assert code == 0, err
+    from conftest import only_record
+
+    rec = only_record(tmp_path)
+    assert rec.ok and rec.host["device"] != "cpu"

@@ -30,6 +30,7 @@ from .intrange import IntRange
 from .requant import FixedPoint
 
 FINE_BITS = 8  # extra fractional bits before a linear op (average pool)
+BIAS_FRAC_BITS = 8  # fractional accumulator bits that carry a folded bias (fewer if int32 would overflow)
 GUARD_BITS = 16  # guard bits inside a residual add
 MAX_ENGINE_BITS = 8
 
@@ -157,7 +158,9 @@ class Builder:
         if zero.any():
             codes[zero] = 0
             scale = torch.where(zero, x.scale * s_w, scale)
-        bias_acc = torch.round(bias_real / scale).to(torch.int64)
+        k = cin * kh * kw
+        frac, bias_acc, bound = _bias_in_accumulator(bias_real, scale, k * x.range.max_abs * qw.range.max_abs)
+        scale = scale / 2**frac
         (sh, sw), (ph, pw), (dh, dw) = _pair(layer.stride), _pair(layer.padding), _pair(layer.dilation)
         _, h, w = x.shape
         ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
@@ -165,10 +168,8 @@ class Builder:
         attrs = {
             "stride": [sh, sw], "padding": [ph, pw], "dilation": [dh, dw], "kernel": [kh, kw], "cin": cin,
             "x_range": [x.range.lo, x.range.hi], "w_range": [qw.range.lo, qw.range.hi],
-            "a_bits": int(act.bits), "w_bits": int(qw.bits), "name": name,
+            "a_bits": int(act.bits), "w_bits": int(qw.bits), "name": name, "frac": frac, "acc_bound": bound,
         }
-        k = cin * kh * kw
-        attrs["acc_bound"] = k * x.range.max_abs * qw.range.max_abs + int(bias_acc.abs().max())
         idx = self.emit(Node("conv", [x.node], attrs, {"weight": codes, "bias": bias_acc}))
         self.layers.append({"name": name, "kind": "conv", "node": idx, "w_bits": int(qw.bits), "a_bits": int(act.bits),
                             "params": int(codes.numel()), "macs": int(ho * wo * cout * k), "shape": [cout, cin, kh, kw]})
@@ -184,11 +185,11 @@ class Builder:
             c, h, w = flat_from
             codes = codes.reshape(cout, c, h, w).permute(0, 2, 3, 1).reshape(cout, cin).contiguous()
         _, bias_real = _bn_fold(None, cout, layer.bias)
-        scale = x.scale * s_w
-        bias_acc = torch.round(bias_real / scale).to(torch.int64)
+        frac, bias_acc, bound = _bias_in_accumulator(bias_real, x.scale * s_w, cin * x.range.max_abs * qw.range.max_abs)
+        scale = x.scale * s_w / 2**frac
         attrs = {"cin": cin, "x_range": [x.range.lo, x.range.hi], "w_range": [qw.range.lo, qw.range.hi],
-                 "a_bits": int(layer.quant.act.bits), "w_bits": int(qw.bits), "name": name,
-                 "acc_bound": cin * x.range.max_abs * qw.range.max_abs + int(bias_acc.abs().max())}
+                 "a_bits": int(layer.quant.act.bits), "w_bits": int(qw.bits), "name": name, "frac": frac,
+                 "acc_bound": bound}
         idx = self.emit(Node("linear", [x.node], attrs, {"weight": codes, "bias": bias_acc}))
         self.layers.append({"name": name, "kind": "linear", "node": idx, "w_bits": int(qw.bits), "a_bits": int(layer.quant.act.bits),
                             "params": int(codes.numel()), "macs": int(cout * cin), "shape": [cout, cin]})
@@ -247,6 +248,24 @@ def _weight_codes(layer, name: str):
     s_w = qw.scale.detach().double().reshape(-1)
     s_w = s_w.expand(cout).clone() if s_w.numel() == 1 else s_w
     return qw, s_w
+
+
+def _bias_in_accumulator(bias_real: Tensor, unit: Tensor, gemm_bound: int) -> tuple[int, Tensor, int]:
+    """(frac, integer bias, bound of the biased accumulator): the GEMM's accumulator is shifted left
+    by `frac` bits and the bias added at that finer resolution. Rounding the bias to whole
+    accumulator units would be a rounding the simulated model does not have, and at low bits one
+    unit is a large part of an output code (w2a2: about half a code). `frac` is as large as
+    BIAS_FRAC_BITS allows while the biased accumulator still fits int32; 0 without a bias."""
+    if not bool((bias_real != 0).any()):
+        return 0, torch.zeros_like(bias_real, dtype=torch.int64), gemm_bound
+    frac = 0
+    while frac < BIAS_FRAC_BITS:
+        trial = torch.round(bias_real / unit * 2 ** (frac + 1))
+        if (gemm_bound << (frac + 1)) + int(trial.abs().max()) > 2**31 - 1:
+            break
+        frac += 1
+    bias_acc = torch.round(bias_real / unit * 2**frac).to(torch.int64)
+    return frac, bias_acc, (gemm_bound << frac) + int(bias_acc.abs().max())
 
 
 def _bn_fold(bn: nn.BatchNorm2d | None, cout: int, bias: Tensor | None) -> tuple[Tensor, Tensor]:

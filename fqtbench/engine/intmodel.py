@@ -60,13 +60,13 @@ class Node:
         a = self.attrs
         pw = prepared if prepared is not None else backend.prepare_weight(self._gemm_weight(weight), IntRange(*a["w_range"]))
         acc = backend.conv2d(xs[0], pw, IntRange(*a["x_range"]), stride=a["stride"], padding=a["padding"], dilation=a["dilation"])
-        return _add_bias(acc, self.tensors.get("bias"), a.get("acc_bound", 2**63))
+        return _add_bias(acc, self.tensors.get("bias"), a.get("frac", 0), a.get("acc_bound", 2**63))
 
     def _run_linear(self, xs, backend, weight, prepared):
         a = self.attrs
         pw = prepared if prepared is not None else backend.prepare_weight(self._gemm_weight(weight), IntRange(*a["w_range"]))
         acc = backend.linear(xs[0], pw, IntRange(*a["x_range"]))
-        return _add_bias(acc, self.tensors.get("bias"), a.get("acc_bound", 2**63))
+        return _add_bias(acc, self.tensors.get("bias"), a.get("frac", 0), a.get("acc_bound", 2**63))
 
     def _run_requant(self, xs, backend, weight, prepared):
         fp = FixedPoint(self.tensors["m"], self.tensors["shift"])
@@ -81,10 +81,13 @@ class Node:
         return add_requantize(xs[0], fa, xs[1], fb, self.attrs["guard"], lo, hi, out_dtype=_dtype(lo, hi))
 
     def _run_maxpool(self, xs, backend, weight, prepared):
+        """Max over windows of codes. int8/uint8 codes are pooled as int16 (exact): torch's integer
+        max_pool2d refuses a plane of more elements than the dtype's largest value (C*H*W > 127)."""
         a = self.attrs
         x = xs[0].permute(0, 3, 1, 2)
-        y = F.max_pool2d(x, a["kernel"], a["stride"], a["padding"])
-        return y.permute(0, 2, 3, 1).contiguous()
+        narrow = x.dtype in (torch.int8, torch.uint8)
+        y = F.max_pool2d(x.to(torch.int16) if narrow else x, a["kernel"], a["stride"], a["padding"])
+        return y.to(x.dtype).permute(0, 2, 3, 1).contiguous()
 
     def _run_avgpool(self, xs, backend, weight, prepared):
         """Global average (N, H, W, C) -> (N, C): integer sum over H, W, then a fixed-point divide
@@ -127,13 +130,16 @@ def _dtype(lo: int | None, hi: int | None) -> torch.dtype:
     return torch.int64
 
 
-def _add_bias(acc: Tensor, bias: Tensor | None, bound: int) -> Tensor:
-    """acc + bias, in place and in int32 when the export-time bound of the sum allows it."""
-    if bias is None:
+def _add_bias(acc: Tensor, bias: Tensor | None, frac: int, bound: int) -> Tensor:
+    """acc * 2^frac + bias (the bias carries `frac` fractional accumulator bits), in place and in
+    int32 when the export-time bound of the result allows it."""
+    if bias is None and not frac:
         return acc
-    if acc.dtype == torch.int32 and bound <= 2**31 - 1:
-        return acc.add_(bias.to(torch.int32))
-    return acc.to(torch.int64).add_(bias)
+    if not (acc.dtype == torch.int32 and bound <= 2**31 - 1):
+        acc = acc.to(torch.int64)
+    if frac:
+        acc = acc.bitwise_left_shift_(frac)
+    return acc.add_(bias.to(acc.dtype)) if bias is not None else acc
 
 
 class IntModel:
@@ -373,7 +379,8 @@ class IntModel:
     def to(self, device: torch.device | str) -> "IntModel":
         """Move every integer tensor to `device` (in place; returns self). Prepared weights are rebuilt."""
         device = torch.device(device)
-        if device != self.device:
+        stray = any(t.device != device for n in self.nodes for t in n.tensors.values())
+        if stray:  # every tensor is checked: one stored from elsewhere must not hide behind the first
             for n in self.nodes:
                 n.tensors = {k: t.to(device) for k, t in n.tensors.items()}
             self._prepared = {}

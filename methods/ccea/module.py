@@ -61,11 +61,12 @@ class CCEAModule(GradientFreeModule):
         weights, biases, ms = st.split(li, flat)
         weights = weights.to(x.device, im.nodes[layer.node].tensors["weight"].dtype)
         biases = biases.to(x.device) if biases is not None else None
+        ms = ms.to(x.device) if ms is not None else None  # stored into the model below: on its device
         kept = self.kept_batch(x)
         # the context's logits are kept; only the sampled candidates (rows 1..P) run, from its prefix
         logits = torch.cat([kept.acts[-1].unsqueeze(0), im.forward_population(
             x, self.backend, layer.node, weights[1:], biases=biases[1:] if biases is not None else None,
-            requant=(layer.scale_node, ms[1:].to(x.device)) if ms is not None else None,
+            requant=(layer.scale_node, ms[1:]) if ms is not None else None,
             prefix=kept.acts, cost_role="fitness")])
         terms = fitness_terms(logits, y, self.margin_clip, self.cfg.params.fitness, kept.target)
         terms, n = self.sum_over_ranks(terms.cpu(), int(y.numel()))
