@@ -11,7 +11,7 @@ import torch
 
 from fqtbench import registry
 from fqtbench.config import resolve
-from fqtbench.engine.export import export_model
+from fqtbench.engine.export import ExportError, export_model
 from fqtbench.errors import ConfigError
 from fqtbench.harness import calibrate_activations
 from fqtbench.nn import quant_layers
@@ -110,11 +110,27 @@ def test_overflow_grows_one_bit_until_eight():
     bw.requantize()
     assert bw.bits == 4 and bw.codes().tolist() == [14.0, -3.0]  # the overflowing magnitude is kept
     assert math.isclose(bw.unit().item(), unit, rel_tol=1e-6)
-    top = BitWeight(torch.tensor([255.0, -1.0]), 8)
+    top = BitWeight(torch.tensor([127.0, -1.0]), 7)
     top.pweight.data[:, 0] = 2.0
     before = top.effective().detach()
     top.requantize()
-    assert top.bits == 8 and torch.allclose(top.effective(), before)  # at 8 bits it clips instead
+    assert top.bits == 7 and torch.allclose(top.effective(), before)  # at 7 magnitude bits (8 stored) it clips instead
+
+
+def test_exported_codes_count_the_sign_bit():
+    """Magnitude bits n store as n + 1 two's-complement bits: the shared size/BitOPs columns count that,
+    and the engine refuses 8 magnitude bits (9 stored) like any other 9-bit weight."""
+    bw = BitWeight(torch.tensor([7.0, -3.0, 1.0]), 3)
+    qt = bw(bw.effective())
+    assert qt.q.tolist() == [7.0, -3.0, 1.0] and qt.bits == 4 == qt.range.bits
+    model = registry.models.get("cnn-s").build(DIGITS)
+    attach_bsq(model, 8, 4)
+    calibrate_activations(model, [(torch.randint(0, 17, (8, 1, 8, 8)), None)])
+    with pytest.raises(ExportError, match="uses 9 bits; the integer engine supports 0..8"):
+        export_model(model, (1, 8, 8))
+    empty = BitWeight(torch.zeros(3), 3)
+    empty.requantize()
+    assert empty.bits == 0 and empty(empty.effective()).bits == 0
 
 
 def test_group_lasso_on_a_hand_example():
@@ -155,9 +171,9 @@ def test_mixed_bits_export_is_identical_on_every_backend():
     torch.manual_seed(0)
     model = registry.models.get("resnet20").build(CIFAR, shortcut="B")
     _random_bn(model)
-    layers, shortcuts = attach_bsq(model, 8, 4)
-    targets = [8, 6, 5, 4, 3, 2, 1, 0] * 3
-    for bw, bits in zip(layers.values(), targets):  # zero the 8 - bits LSB planes; re-quantization drops them
+    layers, shortcuts = attach_bsq(model, 7, 4)
+    targets = [7, 6, 5, 4, 3, 2, 1, 0] * 3
+    for bw, bits in zip(layers.values(), targets):  # zero the 7 - bits LSB planes; re-quantization drops them
         bw.pweight.data[bits:] = 0
         bw.nweight.data[bits:] = 0
         bw.requantize()
@@ -166,7 +182,7 @@ def test_mixed_bits_export_is_identical_on_every_backend():
     calibrate_activations(model, [(x, None)])
     int_model = export_model(model, (3, 32, 32))
     table = {row["name"]: row["w_bits"] for row in int_model.layer_table()}
-    assert [table[name] for name in layers] == targets[: len(layers)]
+    assert [table[name] for name in layers] == [n + 1 if n else 0 for n in targets[: len(layers)]]  # the sign counts
     assert all(table[name] == 8 for name in shortcuts) and len(shortcuts) == 2
     preds = {name: int_model.predict(x, registry.backends.get(name)) for name in ("reference", "int8", "bitserial")}
     assert torch.equal(preds["int8"], preds["reference"]) and torch.equal(preds["bitserial"], preds["reference"])
@@ -209,7 +225,7 @@ def test_faithful_clamp_also_hits_the_shortcut_and_its_bn(mode):
 
 @pytest.mark.parametrize(
     "over",
-    [{"exec": "int"}, {"bits": {"w": 9}}, {"bits": {"first_last": 8}}, {"bsq": {"epochs": 5}}, {"bsq": {"finetune_epochs": 30}}],
+    [{"exec": "int"}, {"bits": {"w": 9}}, {"bits": {"w": 1}}, {"bits": {"first_last": 8}}, {"bsq": {"epochs": 5}}, {"bsq": {"finetune_epochs": 30}}],
 )
 def test_bad_config_is_one_config_error(over):
     with pytest.raises(ConfigError):
@@ -230,9 +246,9 @@ def test_digits_run_lowers_the_precision_from_8_bits(tmp_path, monkeypatch):
     cfg = resolve("bsq", overrides=["trainer.progress=false", "wandb.mode=disabled"], seed=0, out=str(tmp_path / "runs"))
     record, _ = execute(cfg)
     bsq, final = record.extra["bsq"], record.metrics["final"]
-    assert record.status == "ok" and bsq["start_bits"] == 8
-    assert bsq["bits_history"][0]["bits"] == {name: 8 for name in bsq["layer_bits"]} and bsq["avg_weight_bits"] < 6
+    assert record.status == "ok" and bsq["start_bits"] == 7  # magnitude bits of the default 8-bit start
+    assert bsq["bits_history"][0]["bits"] == {name: 7 for name in bsq["layer_bits"]} and bsq["avg_weight_bits"] < 6
     assert final["int_top1"] >= 97.0 and abs(final["gap"]) <= 1.0
-    assert {row["name"]: row["w_bits"] for row in record.layers} == bsq["layer_bits"]
+    assert {row["name"]: row["w_bits"] for row in record.layers} == {k: n + 1 if n else 0 for k, n in bsq["layer_bits"].items()}
     assert bsq["compression"] == pytest.approx(32 / bsq["avg_weight_bits"], rel=1e-3)
     assert record.pretraining_cost and record.pretraining_cost["samples"] > 0

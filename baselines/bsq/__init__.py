@@ -1,7 +1,7 @@
 """bsq: bit-level sparsity quantization (Yang, Duan, Chen, Li, ICLR 2021), a mixed-precision baseline.
 
-Pipeline: the track's cached fp32 model -> every layer as `bits.w` (8) trainable magnitude
-bit-planes plus a scale -> BSQ training (cross-entropy + alpha x bit-level group Lasso, periodic
+Pipeline: the track's cached fp32 model -> every layer as `bits.w` - 1 (7) trainable magnitude
+bit-planes plus a scale (`bits.w` counts the sign, as for every method) -> BSQ training (cross-entropy + alpha x bit-level group Lasso, periodic
 re-quantization that drops bits) -> fine-tuning of the fixed mixed-precision scheme -> integer
 export with each layer's own bit-width. Activations are `bits.a`-bit (4) per-tensor codes;
 gradients stay full precision. See baselines/bsq/README.md.
@@ -17,7 +17,9 @@ from fqtbench.config import ConfigError, ResolvedConfig, StrictModel
 from fqtbench.harness.pretrain import pretrained_fp32
 from fqtbench.method import Method, PrecisionSpec, RoleSpec
 
-from .bits import MAX_BITS, BitWeight
+from fqtbench.engine.export import MAX_ENGINE_BITS
+
+from .bits import BitWeight
 from .module import BSQModule, attach_bsq, bit_summary, faithful_clamp_params, group_lasso
 
 
@@ -38,7 +40,7 @@ def bsq_epochs(cfg: ResolvedConfig) -> int:
 
 class BSQ(Method):
     name = "bsq"
-    version = "1"
+    version = "2"  # 2: bits.w counts the sign (7 magnitude bits at the default 8); records count it too
     description = "bit-level sparsity: weights as trainable bit-planes + group Lasso per plane -> mixed precision"
     Config = BSQConfig
 
@@ -48,7 +50,7 @@ class BSQ(Method):
             fwd=RoleSpec(b.a, b.w, "nearest", "a:tensor w:tensor sign-magnitude"),
             grad_input=RoleSpec(None, b.w, "none"),
             grad_weight=RoleSpec(None, b.a, "none"),
-            note=f"weight bits learned per layer, starting at {b.w} (magnitude bits, sign not counted); see extra.bsq",
+            note=f"weight bits learned per layer, starting at {b.w} (sign included: {b.w - 1} magnitude bits); see extra.bsq",
         )
 
     def bits_tag(self, cfg: ResolvedConfig) -> str:
@@ -62,10 +64,11 @@ class BSQ(Method):
             raise ConfigError("bits.g_input/bits.g_weight: bsq keeps full-precision gradients; leave them unset")
         if b.first_last is not None:
             raise ConfigError(f"bits.first_last={b.first_last}: bsq learns every layer's weight bits; leave it unset")
-        if b.w > MAX_BITS:
-            raise ConfigError(f"bits.w={b.w}: the starting magnitude bits of bsq; allowed: 1..{MAX_BITS}")
-        if b.a > MAX_BITS:
-            raise ConfigError(f"bits.a={b.a}: activation bits on the integer engine; allowed: 1..{MAX_BITS}")
+        if not 2 <= b.w <= MAX_ENGINE_BITS:
+            raise ConfigError(f"bits.w={b.w}: bsq's starting weight bits, sign included (bits.w - 1 magnitude "
+                              f"bit-planes); allowed: 2..{MAX_ENGINE_BITS}")
+        if b.a > MAX_ENGINE_BITS:
+            raise ConfigError(f"bits.a={b.a}: activation bits on the integer engine; allowed: 1..{MAX_ENGINE_BITS}")
         total = cfg.trainer.max_epochs
         if p.epochs is not None and p.epochs + p.finetune_epochs != total:
             raise ConfigError(

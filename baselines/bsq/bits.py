@@ -6,7 +6,9 @@ A layer of precision n holds two stacks of n trainable bit-planes, ``pweight`` a
 n-bit rounding of its magnitude, so the effective weight is ``scale / (2^n-1) * k`` with the integer
 code ``k = sign(Wc) * round(min(|Wc|, 1) * (2^n - 1))`` and the gradient reaches every bit
 variable as ``dL/dW * scale * 2^(n-1-b) / (2^n - 1)``. ``n`` counts magnitude bits: the sign comes
-from the p/n split and is not counted, as in the paper.
+from the p/n split and is not counted, as in the paper. The exported codes are stored in n + 1 bits
+(two's complement of [-(2^n-1), 2^n-1]), which is what the shared size and BitOPs columns count, as
+they do every other method's sign bit.
 
 :meth:`requantize` re-decomposes into exact {0, 1} bits and adjusts n (grow on overflow, drop
 all-zero MSB planes and sparse LSB planes); :meth:`to_float` switches to the fine-tuning form (one
@@ -21,10 +23,11 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from fqtbench.engine.export import MAX_ENGINE_BITS
 from fqtbench.engine.intrange import IntRange
 from fqtbench.quant.core import QTensor, Quantizer
 
-MAX_BITS = 8  # the integer engine's widest weight
+MAX_MAGNITUDE_BITS = MAX_ENGINE_BITS - 1  # plus the sign: the integer engine's widest weight
 Form = Literal["bits", "float"]
 
 
@@ -87,7 +90,12 @@ class BitWeight(Quantizer):
         """Quantizer interface: the effective weight -> its exact codes and this layer's unit."""
         unit = self.unit().detach()
         q = torch.round(w.detach() / unit).clamp(-self.levels, self.levels) if self.bits else torch.zeros_like(w)
-        return QTensor(q, unit, IntRange.symmetric(self.levels), self.bits, ())
+        return QTensor(q, unit, IntRange.symmetric(self.levels), self.stored_bits, ())
+
+    @property
+    def stored_bits(self) -> int:
+        """Bits of the exported codes: the n magnitude bits plus the sign (0 for a pruned layer)."""
+        return self.bits + 1 if self.bits else 0
 
     def plane_norms(self) -> Tensor:
         """L2 norm of each bit-plane (positive and negative together): the groups of the group Lasso."""
@@ -106,7 +114,7 @@ class BitWeight(Quantizer):
         """Re-decompose into exact bits and adjust the precision (BSQ's quant + pruning).
 
         Overflowing magnitudes (|Wc| > 1, i.e. codes above 2^n - 1) grow the layer by one bit, up to
-        MAX_BITS (above it they clip). All-zero MSB planes are dropped, then LSB planes whose share of
+        MAX_MAGNITUDE_BITS (above it they clip). All-zero MSB planes are dropped, then LSB planes whose share of
         nonzero bits is at most `threshold` (the magnitude shifts right, the unit doubles). With
         threshold 0 and no clipping the layer's function is unchanged. A layer may reach 0 bits.
         """
@@ -117,9 +125,9 @@ class BitWeight(Quantizer):
         if unit < 0:  # keep the scale positive; the sign lives in the planes
             r, unit = -r, -unit
         mag, sign = r.abs().to(torch.int64), torch.sign(r)
-        while int(mag.max()) > _levels(n) and n < MAX_BITS:  # overflow: grow (one bit while the variables stay in [0, 2])
+        while int(mag.max()) > _levels(n) and n < MAX_MAGNITUDE_BITS:  # overflow: grow (one bit while the variables stay in [0, 2])
             n += 1
-        mag = mag.clamp(max=_levels(n))  # beyond MAX_BITS the codes clip, as the forward pass did
+        mag = mag.clamp(max=_levels(n))  # beyond MAX_MAGNITUDE_BITS the codes clip, as the forward pass did
         while n > 0 and int(mag.max()) < (1 << (n - 1)):  # all-zero MSB plane
             n -= 1
         while n > 0 and float((mag & 1).count_nonzero()) / mag.numel() <= threshold:  # sparse LSB plane

@@ -29,8 +29,8 @@ SHORTCUT_W_BITS = 8  # the official 1x1 shortcut is full precision; the integer 
 OFFICIAL_NAMES = (("down_conv", "downsample.0"), ("down_bn", "downsample.1"))
 
 
-def attach_bsq(model: nn.Module, w_bits: int, a_bits: int) -> tuple[dict[str, BitWeight], dict[str, int]]:
-    """Give every layer a BitWeight of `w_bits` (its weight_fn and weight quantizer) and an activation
+def attach_bsq(model: nn.Module, magnitude_bits: int, a_bits: int) -> tuple[dict[str, BitWeight], dict[str, int]]:
+    """Give every layer a BitWeight of `magnitude_bits` (its weight_fn and weight quantizer) and an activation
     quantizer; 1x1 shortcut convs keep fixed 8-bit weights and share their block's input quantizer.
 
     Returns ({layer name: BitWeight}, {shortcut layer name: its parameter count}).
@@ -43,7 +43,7 @@ def attach_bsq(model: nn.Module, w_bits: int, a_bits: int) -> tuple[dict[str, Bi
             layer.set_quant(LayerQuant(weight=WeightQuantizer(SHORTCUT_W_BITS), act=shortcut_of[id(layer)].conv1.quant.act))
             shortcuts[name] = layer.weight.numel()
             continue
-        bw = BitWeight(layer.weight, w_bits)
+        bw = BitWeight(layer.weight, magnitude_bits)
         layer.weight.requires_grad_(False)  # kept as the fp32 starting point; the bit-planes are trained
         layer.set_quant(LayerQuant(weight=bw, act=ActQuantizer(a_bits, signed=layer.input_signed)))
         layer.weight_fn = bw.effective
@@ -100,7 +100,7 @@ class BSQModule(FQTModule):
 
     def __init__(self, model: nn.Module, cfg: ResolvedConfig, bsq_epochs: int, pretrained: dict[str, Any] | None = None):
         super().__init__(model, cfg)
-        self.bit_layers, self.shortcuts = attach_bsq(model, cfg.bits.w, cfg.bits.a)
+        self.bit_layers, self.shortcuts = attach_bsq(model, cfg.bits.w - 1, cfg.bits.a)  # bits.w counts the sign
         self.total_params = sum(bw.numel() for bw in self.bit_layers.values())
         self.bsq_epochs = bsq_epochs
         self.pretrained = pretrained or {}
@@ -203,7 +203,7 @@ class BSQModule(FQTModule):
                 "requant_every": p.requant_every,
                 "epochs": self.bsq_epochs,
                 "finetune_epochs": p.finetune_epochs,
-                "start_bits": self.cfg.bits.w,
+                "start_bits": self.cfg.bits.w - 1,  # magnitude bits, like every bit count in extra.bsq
                 "sign_bit_counted": False,
                 **bit_summary(self.bit_layers, self.shortcuts),
                 "bits_history": self.history,

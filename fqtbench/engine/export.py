@@ -239,9 +239,9 @@ def _int_codes(qt) -> Tensor:
 def _weight_codes(layer, name: str):
     if layer.quant.weight is None:
         raise ExportError(f"cannot export layer '{name}' to integers: it has no weight quantizer")
-    _check_bits(layer.quant.weight.bits, f"{name} weight", lowest=0)  # 0 bits: a pruned, all-zero layer
     with torch.no_grad():
         qw = layer.quant.weight(layer.effective_weight().detach())
+    _check_bits(qw.bits, f"{name} weight", lowest=0)  # the stored codes' width; 0 bits: a pruned, all-zero layer
     if qw.inverse is not None or qw.scale_dims not in ((), (0,)):
         raise ExportError(f"layer '{name}': weight scales must be per tensor or per output channel")
     cout = qw.q.shape[0]
