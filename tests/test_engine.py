@@ -175,6 +175,13 @@ def test_export_refuses_unquantized_or_too_wide_models():
         export_model(model, (1, 8, 8))
 
 
+def test_a_signed_one_bit_input_counts_as_the_two_bits_it_stores():
+    """The first layer's signed 1-bit input quantizer is ternary ({-1, 0, 1}); unsigned 1-bit is binary."""
+    model, _ = _quantized("cnn-s", DIGITS, w_bits=8, a_bits=1)
+    bits = {row["name"]: row["a_bits"] for row in export_model(model, (1, 8, 8)).layer_table()}
+    assert bits == {"body.0.conv": 2, "body.1.conv": 1, "head": 1}
+
+
 def test_mixed_precision_layers_export_with_their_own_bits():
     model, x = _quantized("cnn-s", DIGITS)
     from fqtbench.nn import quant_layers

@@ -4,11 +4,13 @@ Principle: **the integer model rounds exactly where the simulated model quantize
 between two quantization points stay integer accumulators (with their real scale tracked here);
 they are requantized once, by fixed-point multipliers, straight into the codes of the quantizer
 that consumes them. Batch norm is folded into the requantization multiplier and a bias in
-accumulator units, so the weight codes are exactly the trained codes. ReLU becomes the lower clamp
+(fractional) accumulator units, so the weight codes are exactly the trained codes. ReLU becomes the lower clamp
 of the requantization. Where a linear op (global average pool) sits between a producer and its
 quantizer, the producer is requantized with 8 extra fractional bits first, so the final result is
-still rounded once. A residual add rescales both inputs by fixed-point multipliers with 16 guard
-bits and rounds once.
+still rounded once. A residual add rescales both inputs by fixed-point multipliers to 16 guard
+bits and rounds their sum (the terms' own roundings move only ties within 2^-16). A folded bias is
+added with up to 8 fractional accumulator bits (the accumulator is shifted left to meet it): whole
+accumulator units would be a rounding of their own, about half an output code at w2a2.
 
 Max-pool, flatten and ReLU commute with a monotone requantization and are applied on codes.
 """
@@ -168,10 +170,10 @@ class Builder:
         attrs = {
             "stride": [sh, sw], "padding": [ph, pw], "dilation": [dh, dw], "kernel": [kh, kw], "cin": cin,
             "x_range": [x.range.lo, x.range.hi], "w_range": [qw.range.lo, qw.range.hi],
-            "a_bits": int(act.bits), "w_bits": int(qw.bits), "name": name, "frac": frac, "acc_bound": bound,
+            "a_bits": _stored_bits(act), "w_bits": int(qw.bits), "name": name, "frac": frac, "acc_bound": bound,
         }
         idx = self.emit(Node("conv", [x.node], attrs, {"weight": codes, "bias": bias_acc}))
-        self.layers.append({"name": name, "kind": "conv", "node": idx, "w_bits": int(qw.bits), "a_bits": int(act.bits),
+        self.layers.append({"name": name, "kind": "conv", "node": idx, "w_bits": int(qw.bits), "a_bits": _stored_bits(act),
                             "params": int(codes.numel()), "macs": int(ho * wo * cout * k), "shape": [cout, cin, kh, kw]})
         return Val("acc", (cout, ho, wo), idx, scale=scale, bound=attrs["acc_bound"])
 
@@ -188,10 +190,10 @@ class Builder:
         frac, bias_acc, bound = _bias_in_accumulator(bias_real, x.scale * s_w, cin * x.range.max_abs * qw.range.max_abs)
         scale = x.scale * s_w / 2**frac
         attrs = {"cin": cin, "x_range": [x.range.lo, x.range.hi], "w_range": [qw.range.lo, qw.range.hi],
-                 "a_bits": int(layer.quant.act.bits), "w_bits": int(qw.bits), "name": name, "frac": frac,
+                 "a_bits": _stored_bits(layer.quant.act), "w_bits": int(qw.bits), "name": name, "frac": frac,
                  "acc_bound": bound}
         idx = self.emit(Node("linear", [x.node], attrs, {"weight": codes, "bias": bias_acc}))
-        self.layers.append({"name": name, "kind": "linear", "node": idx, "w_bits": int(qw.bits), "a_bits": int(layer.quant.act.bits),
+        self.layers.append({"name": name, "kind": "linear", "node": idx, "w_bits": int(qw.bits), "a_bits": _stored_bits(layer.quant.act),
                             "params": int(codes.numel()), "macs": int(cout * cin), "shape": [cout, cin]})
         return Val("acc", (cout,), idx, scale=scale, bound=attrs["acc_bound"])
 
@@ -221,6 +223,11 @@ def _per_channel(v: Val) -> Tensor:
 
 def _bound(v: Val) -> int:
     return int(v.bound) if v.kind == "acc" else int(v.range.max_abs)
+
+
+def _stored_bits(act: ActQuantizer) -> int:
+    """Bits of the input codes as stored: a signed 1-bit quantizer is ternary ({-1, 0, 1}, 2 bits)."""
+    return IntRange(-act.qmax, act.qmax).bits if act.signed else int(act.bits)
 
 
 def _check_bits(bits: int, what: str, lowest: int = 1) -> None:

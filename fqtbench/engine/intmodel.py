@@ -74,7 +74,7 @@ class Node:
         return requantize(xs[0], fp, lo, hi, out_dtype=_dtype(lo, hi))
 
     def _run_add(self, xs, backend, weight, prepared):
-        """clamp(round(a*Ma + b*Mb)): both terms kept with `guard` extra bits, one final rounding."""
+        """clamp(round(a*Ma + b*Mb)): both terms kept with `guard` extra fractional bits, then rounded."""
         fa = FixedPoint(self.tensors["m_a"], self.tensors["shift_a"])
         fb = FixedPoint(self.tensors["m_b"], self.tensors["shift_b"])
         lo, hi = self.attrs["lo"], self.attrs["hi"]

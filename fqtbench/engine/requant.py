@@ -136,7 +136,8 @@ def requantize(v: Tensor, fp: FixedPoint, lo: int | None = None, hi: int | None 
 
 def add_requantize(a: Tensor, fa: FixedPoint, b: Tensor, fb: FixedPoint, guard: int, lo: int | None, hi: int | None,
                    out_dtype: torch.dtype = torch.int64) -> Tensor:
-    """clamp(round(a*Ma + b*Mb), lo, hi): both terms kept with `guard` extra bits, then one rounding."""
+    """clamp(round(a*Ma + b*Mb), lo, hi): each term is rounded to `guard` extra fractional bits, then
+    the sum rounds to the output code (the first roundings can move only ties within 2^-guard)."""
     out = torch.empty(a.shape, dtype=out_dtype, device=a.device)
     sa, sb, so = _as_rows(a), _as_rows(b), _as_rows(out)
     sha, shb = fa.shift - guard, fb.shift - guard

@@ -262,7 +262,9 @@ def _robust_max(x: Tensor, method: str, pct: float) -> Tensor:
 
 
 class GradQuantizer(Quantizer):
-    """Affine gradient codes with stochastic (unbiased) or nearest rounding; granularity per role."""
+    """Affine gradient codes with stochastic or nearest rounding; granularity per role. Stochastic
+    rounding is unbiased inside the range, but the rounded zero point can clip the extreme value by
+    up to half a code, toward zero (`affine_quantize`); `exact_zero_affine` never clips."""
 
     def __init__(self, bits: int, granularity: Granularity = "tensor", stochastic: bool = True):
         super().__init__()
