@@ -94,6 +94,31 @@ def run(
     print_summary([record], [path])
 
 
+@app.command()
+def reevaluate(
+    run_dirs: list[Path] = typer.Argument(..., help="Folders of finished runs (each with record.json and checkpoints/last.ckpt)."),
+):
+    """Score finished runs again on the current integer engine, from their final checkpoints (no training).
+
+    For when the shared engine changes: every row of a leaderboard must be scored by the same
+    engine. Each record gets the new metrics, layers, size and BitOPs; the previous ones are kept
+    in its extra.reevaluations. A run of an older method version is refused (run it again instead).
+    """
+    from .harness.runner import reevaluate as reevaluate_run
+
+    records, paths = [], []
+    for run_dir in run_dirs:
+        err_console.print(f"[bold]fqtbench reevaluate[/] {run_dir}", soft_wrap=True)
+        record, path = reevaluate_run(run_dir)
+        before, after = record.extra["reevaluations"][-1]["metrics"]["final"], record.metrics["final"]
+        err_console.print(f"  int top-1 {_pct(before.get('int_top1'))} -> {_pct(after.get('int_top1'))}"
+                          + (f", fp32 PTQ {_pct(before.get('ptq_int_top1'))} -> {_pct(after.get('ptq_int_top1'))}"
+                             if after.get("ptq_int_top1") is not None else ""))
+        records.append(record)
+        paths.append(path)
+    print_summary(records, paths)
+
+
 def _fmt_bitops(v) -> str:
     if v is None:
         return "-"

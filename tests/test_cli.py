@@ -122,3 +122,30 @@ def test_a_model_option_the_model_rejects_is_named(cli, tmp_path):
                        "--set", "model.options.hidden=[abc]")
     assert code == 2 and "model.options={'hidden': ['abc']} for model 'mlp'" in err, err
     assert only_record(tmp_path).status.startswith("failed: model.options=")  # the failed run says why
+
+
+def test_reevaluate_scores_a_finished_run_again_and_keeps_the_previous_scores(cli, tmp_path):
+    """Same engine, same checkpoint: the same metrics; the previous ones are kept; nothing trains."""
+    import json
+
+    code, _, err = cli("run", "--method", "qat", "--out", str(tmp_path), "--set", "bits.w=4", "--set", "bits.a=4",
+                       "--set", "trainer.max_epochs=2", "--set", "trainer.progress=false")
+    assert code == 0, err
+    run_dir = next(tmp_path.iterdir())
+    before = json.loads((run_dir / "record.json").read_text())
+    ckpts = {p.name: p.read_bytes() for p in (run_dir / "checkpoints").iterdir()}
+    code, out, err = cli("reevaluate", str(run_dir))
+    assert code == 0, err
+    after = json.loads((run_dir / "record.json").read_text())
+    assert after["metrics"] == before["metrics"] and after["layers"] == before["layers"]
+    assert after["training_cost"] == before["training_cost"]  # nothing trained
+    assert [r["metrics"] for r in after["extra"]["reevaluations"]] == [before["metrics"]]
+    assert {p.name: p.read_bytes() for p in (run_dir / "checkpoints").iterdir()} == ckpts
+    assert f"{before['metrics']['final']['int_top1']:.2f} -> {after['metrics']['final']['int_top1']:.2f}" in err
+
+    after["status"] = "interrupted"
+    (run_dir / "record.json").write_text(json.dumps(after))
+    code, _, err = cli("reevaluate", str(run_dir))
+    assert code == 2 and "status 'interrupted'; only finished (ok) runs" in err and len(err.strip().splitlines()) == 2
+    code, _, err = cli("reevaluate", str(tmp_path))
+    assert code == 2 and "not a run folder" in err

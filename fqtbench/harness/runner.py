@@ -228,6 +228,53 @@ def execute(cfg: ResolvedConfig, on_event: Callable[[str], None] | None = None) 
     return record, record_path
 
 
+def reevaluate(run_dir: str | Path) -> tuple[RunRecord, Path]:
+    """Evaluate a finished run's final checkpoint again, on the current integer engine, without
+    training: when the shared engine changes, every published run must be scored by the same one.
+
+    Lightning restores the checkpoint (the budget is spent, so nothing trains), then the run's own
+    evaluation exports and scores it. The record keeps its training cost; its metrics, layers, size
+    and BitOPs are replaced, and the previous ones are appended to `extra.reevaluations`.
+    """
+    import tempfile
+
+    quiet_libraries()
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG_NAME).is_file() or not (run_dir / RECORD_NAME).is_file():
+        raise ConfigError(f"reevaluate {str(run_dir)!r}: not a run folder (needs {CONFIG_NAME} and {RECORD_NAME})")
+    record = load_record(run_dir)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if record.status != "ok":
+        raise ConfigError(f"reevaluate {str(run_dir)!r}: status {record.status!r}; only finished (ok) runs can be re-evaluated")
+    if not last.is_file():
+        raise ConfigError(f"reevaluate {str(run_dir)!r}: no checkpoints/last.ckpt to evaluate")
+    cfg = load_resolved(run_dir / CONFIG_NAME)
+    cfg.trainer.progress = False
+    if cfg.trainer.threads:
+        torch.set_num_threads(cfg.trainer.threads)
+    method = registry.methods.get(cfg.method)
+    if f"{method.name}@{method.version}" != record.method:
+        raise ConfigError(f"reevaluate {str(run_dir)!r}: a {record.method} run, but the installed method is "
+                          f"{method.name}@{method.version}; its training would differ, so run it again instead")
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    data = registry.datasets.get(cfg.data.name).build(cfg.data, cfg.seed)
+    module = method.build(build_model(cfg, data.info), cfg, data)
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():  # the run's own checkpoints stay untouched
+        warnings.filterwarnings("ignore", message="The dirpath has changed")  # on purpose: see above
+        trainer = make_trainer(cfg, Path(tmp), CostMeter(), None, module)
+        trainer.fit(module, datamodule=data, ckpt_path=str(last))
+    result = evaluate_run(method, module, cfg, data)
+    versions, _ = environment()
+    previous = {"metrics": record.metrics, "layers": record.layers, "model_size_bytes": record.model_size_bytes,
+                "inference_bitops": record.inference_bitops, "versions": record.versions,
+                "replaced_at": _now()}
+    record.extra["reevaluations"] = list(record.extra.get("reevaluations", [])) + [previous]
+    record.metrics, record.layers = result.metrics, result.layers
+    record.model_size_bytes, record.inference_bitops = result.model_size_bytes, result.inference_bitops
+    record.versions = versions
+    return record, record.write(run_dir)
+
+
 def build_model(cfg: ResolvedConfig, info):
     """The track's model; a model option it rejects is the user's to fix, so it is named in one line."""
     options = dict(cfg.model.options)
@@ -343,4 +390,4 @@ def gradient_free_ddp():
     return GradientFreeDDPStrategy()
 
 
-__all__ = ["execute", "make_trainer", "new_run_id", "RunFailed", "RunInterrupted", "CONFIG_NAME"]
+__all__ = ["execute", "reevaluate", "make_trainer", "new_run_id", "RunFailed", "RunInterrupted", "CONFIG_NAME"]
