@@ -33,7 +33,7 @@ class CPTBits(BitsConfig):
 
     min: int | Literal["auto"] = 3
     max: Bit = 8
-    grad: Bit | None = 8
+    grad: Annotated[int, Field(ge=2, le=32)] | None = 8  # an unbiased exact-zero error code needs 2 bits
     w: int = Field(8, ge=1, le=32, exclude=True)
     a: int = Field(8, ge=1, le=32, exclude=True)
     g_input: int | None = Field(None, ge=1, le=32, exclude=True)
@@ -64,7 +64,7 @@ class CPTConfig(StrictModel):
 
 class CPT(Method):
     name = "cpt"
-    version = "1"
+    version = "2"  # 2: unbiased error quantizer (version 1 clipped the extreme error toward zero)
     description = "cyclic precision training: forward bits on a cosine cycle, 8-bit stochastic errors"
     Config = CPTConfig
     Bits = CPTBits

@@ -6,7 +6,8 @@
   exports. After a ReLU its [0, max] codes are CPT's [min, max] codes (min is 0); the normalised
   network input is coded signed-symmetric instead of asymmetric (a documented deviation);
 - errors: the output gradient dL/dy, per tensor, affine, stochastic rounding, quantized once and
-  fed to both backward GEMMs (grad-input and grad-weight), as CPT's `quantize_grad` does.
+  fed to both backward GEMMs (grad-input and grad-weight), as CPT's `quantize_grad` does; exactly
+  unbiased like CPT's (an exact zero on an integer code, the scale fitted around it, no clipping).
 
 The layer policy: the last layer (the FC, which CPT keeps in full precision but fqtbench's integer
 export needs quantized) runs at the fixed evaluation precision (cpt.eval_bits, default bits.max);
@@ -22,6 +23,7 @@ from torch import Tensor, nn
 
 from fqtbench.nn import LayerQuant, QLayer, quant_layers
 from fqtbench.quant import ActQuantizer, QTensor, Quantizer, affine_quantize
+from fqtbench.quant.core import exact_zero_affine
 
 
 class CPTWeightQuantizer(Quantizer):
@@ -57,7 +59,7 @@ class SharedErrorQuantizer(Quantizer):
             q = self._last[1]
             self._last = None  # both consumers served
             return q
-        q = affine_quantize(g, self.bits, "tensor", stochastic=True)
+        q = exact_zero_affine(g, self.bits, "tensor", stochastic=True)  # unbiased: nothing is clipped
         self._last = (g, q)
         return q
 

@@ -262,9 +262,8 @@ def _robust_max(x: Tensor, method: str, pct: float) -> Tensor:
 
 
 class GradQuantizer(Quantizer):
-    """Affine gradient codes with stochastic or nearest rounding; granularity per role. Stochastic
-    rounding is unbiased inside the range, but the rounded zero point can clip the extreme value by
-    up to half a code, toward zero (`affine_quantize`); `exact_zero_affine` never clips."""
+    """Affine gradient codes with stochastic (exactly unbiased: `exact_zero_affine` clips nothing) or
+    nearest rounding; granularity per role. Needs at least 2 bits."""
 
     def __init__(self, bits: int, granularity: Granularity = "tensor", stochastic: bool = True):
         super().__init__()
@@ -273,7 +272,7 @@ class GradQuantizer(Quantizer):
         self.stochastic = stochastic
 
     def forward(self, g: Tensor) -> QTensor:
-        return affine_quantize(g, self.bits, self.granularity, stochastic=self.stochastic)
+        return exact_zero_affine(g, self.bits, self.granularity, stochastic=self.stochastic)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, granularity={self.granularity}, stochastic={self.stochastic}"
