@@ -62,6 +62,12 @@ def test_requant_of_a_vanishing_multiplier_is_zero_not_an_overflow():
     assert out[:, 1].tolist() == [0] * 5 and out[:, 0].tolist() == [-2048, 0, 0, 0, 2048]
 
 
+def test_a_multiplier_whose_result_leaves_int64_is_refused():
+    FixedPoint.from_real(2.0**30, input_bound=2**31 - 1)  # 2^61: fits
+    with pytest.raises(ValueError, match="leaves the int64 range"):
+        FixedPoint.from_real(2.0**40, input_bound=2**31 - 1)
+
+
 def test_requant_rounds_half_up_and_per_channel():
     fp = FixedPoint.from_real(torch.tensor([0.5, 0.25, -0.5]))
     v = torch.tensor([[1, 2, 1], [-1, -2, -1], [3, 6, 3]])

@@ -43,6 +43,9 @@ class FixedPoint:
             if not math.isfinite(x):
                 raise ValueError(f"requantization multiplier is not finite: {x}")
         nonzero = [abs(x) for x in values if x != 0.0]
+        if nonzero and max(nonzero) * int(input_bound) >= 2.0**INT64_SAFE_BITS:  # the result itself would wrap
+            raise ValueError(f"requantization multiplier {max(nonzero):g} on inputs up to {int(input_bound)} "
+                             f"leaves the int64 range")
         if nonzero:
             shared = (p - 1) - math.floor(math.log2(max(nonzero)))  # the largest gets p bits
             smallest_bits = math.floor(math.log2(min(nonzero))) + shared + 1
