@@ -250,6 +250,8 @@ def reevaluate(run_dir: str | Path) -> tuple[RunRecord, Path]:
         raise ConfigError(f"reevaluate {str(run_dir)!r}: no checkpoints/last.ckpt to evaluate")
     cfg = load_resolved(run_dir / CONFIG_NAME)
     cfg.trainer.progress = False
+    # scoring is one process, here, whatever the run trained on (a sharded run's checkpoint is whole)
+    cfg.trainer.devices, cfg.trainer.num_nodes, cfg.trainer.strategy = 1, 1, "auto"
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     method = registry.methods.get(cfg.method)
