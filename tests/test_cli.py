@@ -149,3 +149,23 @@ def test_reevaluate_scores_a_finished_run_again_and_keeps_the_previous_scores(cl
     assert code == 2 and "status 'interrupted'; only finished (ok) runs" in err and len(err.strip().splitlines()) == 2
     code, _, err = cli("reevaluate", str(tmp_path))
     assert code == 2 and "not a run folder" in err
+
+
+@pytest.mark.parametrize("method, sets", [
+    ("bsq", ["bsq.finetune_epochs=0", "bsq.requant_every=5", "bsq.alpha=0.5"]),  # its one re-quantization is at the end
+    ("ebs", ["ebs.search_fraction=1.0"]),  # the budget ends inside the search: decided at the end
+])
+def test_reevaluate_finishes_a_run_that_ended_mid_phase_as_the_run_did(cli, tmp_path, method, sets):
+    """The end-of-training step (on_train_end) is part of what the run scored; a restored, spent
+    run skips Lightning's fit loop, so reevaluate must take that step itself."""
+    import json
+
+    args = [a for s in ["trainer.max_epochs=3", "trainer.progress=false", *sets] for a in ("--set", s)]
+    code, _, err = cli("run", "--method", method, "--out", str(tmp_path), *args)
+    assert code == 0, err
+    run_dir = next(tmp_path.iterdir())
+    before = json.loads((run_dir / "record.json").read_text())
+    code, _, err = cli("reevaluate", str(run_dir))
+    assert code == 0, err
+    after = json.loads((run_dir / "record.json").read_text())
+    assert after["layers"] == before["layers"] and after["metrics"]["final"] == before["metrics"]["final"]

@@ -261,10 +261,17 @@ def reevaluate(run_dir: str | Path) -> tuple[RunRecord, Path]:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     data = registry.datasets.get(cfg.data.name).build(cfg.data, cfg.seed)
     module = method.build(build_model(cfg, data.info), cfg, data)
+    # A spent budget makes Lightning skip the fit loop, on_train_end included; that hook is where a
+    # run ending mid-phase finishes it (bsq's last re-quantization, ebs's decision), so call it then.
+    ended, on_train_end = [], module.on_train_end
+    module.on_train_end = lambda: (ended.append(True), on_train_end())[1]
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():  # the run's own checkpoints stay untouched
         warnings.filterwarnings("ignore", message="The dirpath has changed")  # on purpose: see above
         trainer = make_trainer(cfg, Path(tmp), CostMeter(), None, module)
         trainer.fit(module, datamodule=data, ckpt_path=str(last))
+    del module.on_train_end
+    if not ended:
+        module.on_train_end()
     result = evaluate_run(method, module, cfg, data)
     versions, _ = environment()
     previous = {"metrics": record.metrics, "layers": record.layers, "model_size_bytes": record.model_size_bytes,
