@@ -82,6 +82,14 @@ def test_a_mistaken_resume_is_refused_before_it_touches_the_run(cli, tmp_path):
         assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
     assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
 
+    old_version = tmp_path.parent / "old-version"  # an interrupted run of an earlier qat version
+    old_version.mkdir()
+    (old_version / "config.yaml").write_bytes(before["config.yaml"])
+    (old_version / "record.json").write_text(before["record.json"].decode()
+                                               .replace('"qat@1"', '"qat@0"').replace('"status": "ok"', '"status": "interrupted"'))
+    code, _, err = cli("run", "--method", "qat", "--resume", str(old_version))
+    assert code == 2 and "holds a qat@0 run, but the installed method is qat@1" in err, err
+
 
 @pytest.mark.parametrize("sets, needle", [
     (["method=ccea"], "method='ccea' in --set: the method is chosen by --method"),

@@ -26,7 +26,7 @@ from .. import cost
 from .intrange import IntRange
 from .requant import FixedPoint, add_requantize, requantize
 
-SPEC_VERSION = 1
+SPEC_VERSION = 2  # 2: conv/linear nodes may carry `frac` fractional accumulator bits; 1 reads as frac 0
 
 
 def _pair(v) -> tuple[int, int]:
@@ -352,8 +352,8 @@ class IntModel:
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> "IntModel":
         spec = json.loads(state["spec"])
-        if spec.get("version") != SPEC_VERSION:
-            raise ValueError(f"IntModel spec version {spec.get('version')} is not supported (expected {SPEC_VERSION})")
+        if spec.get("version") not in (1, SPEC_VERSION):
+            raise ValueError(f"IntModel spec version {spec.get('version')} is not supported (expected 1..{SPEC_VERSION})")
         tensors = state["tensors"]
         nodes = [
             Node(d["op"], list(d["inputs"]), dict(d["attrs"]), {k: tensors[f"{i}.{k}"] for k in d["tensors"]})

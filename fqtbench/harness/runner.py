@@ -121,7 +121,12 @@ def prepare_resume(cfg: ResolvedConfig) -> tuple[ResolvedConfig, Path]:
     if saved.method != cfg.method:
         raise ConfigError(f"resume={cfg.resume!r} holds a {saved.method} run, not {cfg.method}: "
                           f"resume it with --method {saved.method}")
-    status = load_record(run_dir).status
+    old = load_record(run_dir)
+    method = registry.methods.get(saved.method)
+    if old.method != f"{method.name}@{method.version}":
+        raise ConfigError(f"resume={cfg.resume!r} holds a {old.method} run, but the installed method is "
+                          f"{method.name}@{method.version}: the two versions train differently; start the run again")
+    status = old.status
     if status == "ok":
         raise ConfigError(f"resume={cfg.resume!r}: that run already finished (status ok); nothing to resume")
     saved.run.resume = str(run_dir)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import torch
 
 from fqtbench.harness import GradientFreeModule
-from fqtbench.engine.intmodel import IntModel
+from fqtbench.engine.intmodel import SPEC_VERSION, IntModel
+from fqtbench.errors import ConfigError
 
 from fqtbench.engine.requant import requantize
 
@@ -193,6 +195,11 @@ class CCEAModule(GradientFreeModule):
 
     def on_load_checkpoint(self, checkpoint):
         blob = checkpoint["ccea"]
+        p = self.cfg.params
+        if (p.search_biases or p.search_scales) and json.loads(blob["int_model"]["spec"]).get("version", 1) < SPEC_VERSION:
+            raise ConfigError("this ccea checkpoint holds an integer model of the previous engine (biases in whole "
+                              "accumulator units), so its searched biases and scales cannot continue on this one; "
+                              "start the run again")
         self.int_model = IntModel.from_state(blob["int_model"])
         self._kept = None  # activations of the model just replaced
         self.state.load_state_dict(blob["search"])
