@@ -106,17 +106,25 @@ def reevaluate(
     """
     from .harness.runner import reevaluate as reevaluate_run
 
-    records, paths = [], []
+    records, paths, refused = [], [], []
     for run_dir in run_dirs:
         err_console.print(f"[bold]fqtbench reevaluate[/] {run_dir}", soft_wrap=True)
-        record, path = reevaluate_run(run_dir)
+        try:
+            record, path = reevaluate_run(run_dir)
+        except UserError as exc:  # one folder's problem must not stop the others
+            err_console.print(f"  refused: {exc}", soft_wrap=True, markup=False)
+            refused.append(str(run_dir))
+            continue
         before, after = record.extra["reevaluations"][-1]["metrics"]["final"], record.metrics["final"]
         err_console.print(f"  int top-1 {_pct(before.get('int_top1'))} -> {_pct(after.get('int_top1'))}"
                           + (f", fp32 PTQ {_pct(before.get('ptq_int_top1'))} -> {_pct(after.get('ptq_int_top1'))}"
                              if after.get("ptq_int_top1") is not None else ""))
         records.append(record)
         paths.append(path)
-    print_summary(records, paths)
+    if records:
+        print_summary(records, paths)
+    if refused:
+        raise UserError(f"{len(refused)} of {len(run_dirs)} runs not re-evaluated (see above): {', '.join(refused)}")
 
 
 def _fmt_bitops(v) -> str:

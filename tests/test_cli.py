@@ -154,9 +154,9 @@ def test_reevaluate_scores_a_finished_run_again_and_keeps_the_previous_scores(cl
     after["status"] = "interrupted"
     (run_dir / "record.json").write_text(json.dumps(after))
     code, _, err = cli("reevaluate", str(run_dir))
-    assert code == 2 and "status 'interrupted'; only finished (ok) runs" in err and len(err.strip().splitlines()) == 2
-    code, _, err = cli("reevaluate", str(tmp_path))
-    assert code == 2 and "not a run folder" in err
+    assert code == 2 and "status 'interrupted'; only finished (ok) runs" in err and "1 of 1 runs not re-evaluated" in err
+    code, _, err = cli("reevaluate", str(tmp_path), str(run_dir))  # a refusal does not stop the others
+    assert code == 2 and "not a run folder" in err and "status 'interrupted'" in err and "2 of 2 runs" in err
 
 
 @pytest.mark.parametrize("method, sets", [
