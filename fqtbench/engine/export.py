@@ -28,7 +28,7 @@ from ..errors import ConfigError, UserError
 from ..nn import BasicBlock, ConvBNReLU, GlobalAvgPool, Normalize, QConv2d, QLinear, QNet, quant_layers
 from ..quant import ActQuantizer
 from .intmodel import IntModel, Node
-from .intrange import IntRange
+from .intrange import INT32_MAX, IntRange
 from .requant import FixedPoint
 
 FINE_BITS = 8  # extra fractional bits before a linear op (average pool)
@@ -265,11 +265,9 @@ def _bias_in_accumulator(bias_real: Tensor, unit: Tensor, gemm_bound: int) -> tu
     BIAS_FRAC_BITS allows while the biased accumulator still fits int32; 0 without a bias."""
     if not bool((bias_real != 0).any()):
         return 0, torch.zeros_like(bias_real, dtype=torch.int64), gemm_bound
+    largest = float((bias_real / unit).abs().max())  # in whole accumulator units
     frac = 0
-    while frac < BIAS_FRAC_BITS:
-        trial = torch.round(bias_real / unit * 2 ** (frac + 1))
-        if (gemm_bound << (frac + 1)) + int(trial.abs().max()) > 2**31 - 1:
-            break
+    while frac < BIAS_FRAC_BITS and (gemm_bound << (frac + 1)) + round(largest * 2 ** (frac + 1)) <= INT32_MAX:
         frac += 1
     bias_acc = torch.round(bias_real / unit * 2**frac).to(torch.int64)
     return frac, bias_acc, (gemm_bound << frac) + int(bias_acc.abs().max())

@@ -122,15 +122,32 @@ def prepare_resume(cfg: ResolvedConfig) -> tuple[ResolvedConfig, Path]:
         raise ConfigError(f"resume={cfg.resume!r} holds a {saved.method} run, not {cfg.method}: "
                           f"resume it with --method {saved.method}")
     old = load_record(run_dir)
-    method = registry.methods.get(saved.method)
-    if old.method != f"{method.name}@{method.version}":
-        raise ConfigError(f"resume={cfg.resume!r} holds a {old.method} run, but the installed method is "
-                          f"{method.name}@{method.version}: the two versions train differently; start the run again")
-    status = old.status
-    if status == "ok":
+    _refuse_another_version(old, f"resume={cfg.resume!r}")
+    if old.status == "ok":
         raise ConfigError(f"resume={cfg.resume!r}: that run already finished (status ok); nothing to resume")
     saved.run.resume = str(run_dir)
     return saved, run_dir
+
+
+def method_id(method) -> str:
+    """`name@version`, as records name the method that made them."""
+    return f"{method.name}@{method.version}"
+
+
+def _refuse_another_version(record: RunRecord, where: str) -> None:
+    """A run folder of another version of its method cannot be continued or re-scored: the two
+    versions train differently (bsq v1's checkpoints hold weights v2 cannot even export)."""
+    installed = method_id(registry.methods.get(record.method.split("@")[0]))
+    if record.method != installed:
+        raise ConfigError(f"{where} holds a {record.method} run, but the installed method is {installed}: "
+                          "the two versions train differently; run it again")
+
+
+def _build(cfg: ResolvedConfig, method):
+    """(data, module) of a run: seeded, so a resumed or re-scored run rebuilds what it trained."""
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    data = registry.datasets.get(cfg.data.name).build(cfg.data, cfg.seed)
+    return data, method.build(build_model(cfg, data.info), cfg, data)
 
 
 def execute(cfg: ResolvedConfig, on_event: Callable[[str], None] | None = None) -> tuple[RunRecord, Path]:
@@ -163,7 +180,7 @@ def execute(cfg: ResolvedConfig, on_event: Callable[[str], None] | None = None) 
     versions, host = environment()
     record = RunRecord(
         run_id=run_id,
-        method=f"{method.name}@{method.version}",
+        method=method_id(method),
         track=cfg.track,
         model=cfg.model.name,
         dataset=cfg.data.name,
@@ -186,11 +203,8 @@ def execute(cfg: ResolvedConfig, on_event: Callable[[str], None] | None = None) 
     if rank_zero:
         os.environ[RUN_ID_ENV] = run_id  # for the ranks Lightning's launcher starts from this process
     try:
-        pl.seed_everything(cfg.seed, workers=True, verbose=False)
         say("data")
-        data = registry.datasets.get(cfg.data.name).build(cfg.data, cfg.seed)
-        model = build_model(cfg, data.info)
-        module = method.build(model, cfg, data)
+        data, module = _build(cfg, method)
         meter = CostMeter()
         trainer = make_trainer(cfg, run_dir, meter, tracker.logger if tracker else None, module)
         say("train")
@@ -259,13 +273,9 @@ def reevaluate(run_dir: str | Path) -> tuple[RunRecord, Path]:
     cfg.trainer.devices, cfg.trainer.num_nodes, cfg.trainer.strategy = 1, 1, "auto"
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
+    _refuse_another_version(record, f"reevaluate {str(run_dir)!r}")
     method = registry.methods.get(cfg.method)
-    if f"{method.name}@{method.version}" != record.method:
-        raise ConfigError(f"reevaluate {str(run_dir)!r}: a {record.method} run, but the installed method is "
-                          f"{method.name}@{method.version}; its training would differ, so run it again instead")
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    data = registry.datasets.get(cfg.data.name).build(cfg.data, cfg.seed)
-    module = method.build(build_model(cfg, data.info), cfg, data)
+    data, module = _build(cfg, method)
     # A spent budget makes Lightning skip the fit loop, on_train_end included; that hook is where a
     # run ending mid-phase finishes it (bsq's last re-quantization, ebs's decision), so call it then.
     ended, on_train_end = [], module.on_train_end
