@@ -258,13 +258,14 @@ def test_resume_continues_bit_identically(tmp_path):
 
 
 def test_ccea_learns_on_digits_w3a3(cli, tmp_path):
-    """The paper's mechanism at work: the search lifts the post-training-quantized start."""
+    """The paper's mechanism at work: the search lifts the post-training-quantized start, by the
+    issue's w3a3 bar (1.5 points; seed 0 measured 93.04 -> 97.21 with per-tensor weight scales)."""
     code, out, err = cli("run", "--method", "ccea", "--set", "bits.w=3", "--set", "bits.a=3", "--out", str(tmp_path))
     assert code == 0, err
     rec = load_record(next(tmp_path.glob("*/record.json")))
     final, extra = rec.metrics["final"], rec.extra
     assert final["int_top1"] == final["sim_top1"] and final["gap"] == 0
-    assert final["int_top1"] >= extra["start_int_top1"] + 0.5
+    assert final["int_top1"] >= extra["start_int_top1"] + 1.5
     assert rec.training_cost["fitness_evals"] == extra["generations"] * 9
     assert rec.training_cost["bitops_by_role"].keys() == {"fitness"}
     assert rec.pretraining_cost["samples"] > 0  # the fp32 start is accounted separately
@@ -274,6 +275,8 @@ def test_ccea_learns_on_digits_w3a3(cli, tmp_path):
 
 @pytest.mark.parametrize("over, tag", [([], "w4a4"), (["ccea.grouping=random"], "w4a4-random"),
                                        (["bits.w=3", "bits.a=3", "ccea.grouping=layer"], "w3a3-layer"),
-                                       (["ccea.init=random"], "w4a4-init-random")])
+                                       (["ccea.init=random"], "w4a4-init-random"),
+                                       (["ccea.weight_granularity=channel"], "w4a4-wchannel"),
+                                       (["ccea.init=random", "ccea.weight_granularity=channel"], "w4a4-init-random")])
 def test_bits_tag_keeps_ablations_apart(over, tag):
     assert METHOD.bits_tag(resolve("ccea", overrides=over)) == tag

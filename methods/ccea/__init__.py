@@ -19,7 +19,9 @@ from fqtbench.method import Method, PrecisionSpec, RoleSpec
 class CCEAConfig(StrictModel):
     init: Literal["pretrained", "random"] = "pretrained"
     checkpoint: str | None = None  # fp32 weights to start from instead of the cached harness pretraining
-    weight_granularity: Literal["tensor", "channel"] = "channel"
+    # per tensor, as qat and ebs quantize: the rows CC-EA is compared with differ from it only in how
+    # they train (README: per channel starts closer to fp32 and leaves the search less to repair)
+    weight_granularity: Literal["tensor", "channel"] = "tensor"
     pop_size: int = Field(8, ge=1)
     elite: int = Field(2, ge=1)
     group_size: int = Field(32, ge=1)
@@ -57,13 +59,16 @@ class CCEA(Method):
 
     def bits_tag(self, cfg: ResolvedConfig) -> str:
         """'w4a4', plus the ablations that change what a row means: '-random' / '-layer' grouping,
-        '-init-random' -- so the leaderboard never averages an ablation into the default row."""
+        '-init-random', '-wchannel' (per-channel weight scales of the PTQ start) -- so the leaderboard
+        never averages an ablation into the default row."""
         p = cfg.params
         tag = super().bits_tag(cfg)
         if p.grouping != "confidence":
             tag += f"-{p.grouping}"
         if p.init != "pretrained":
-            tag += f"-init-{p.init}"
+            tag += f"-init-{p.init}"  # random codes: no weight scales to choose, so no granularity tag
+        elif p.weight_granularity != "tensor":
+            tag += f"-w{p.weight_granularity}"
         return tag
 
     def validate_config(self, cfg: ResolvedConfig) -> None:
