@@ -155,6 +155,9 @@ def _summary_row(r) -> dict[str, str]:
         "track": r.track,
         "bits": r.bits_tag,
         "int top-1 %": int_cell,
+        # a method that starts from a quantized network (ccea) records where it started: the
+        # search's own effect is the difference, which the final number alone hides
+        **({"start int top-1 %": _pct(r.extra["start_int_top1"])} if (r.extra or {}).get("start_int_top1") is not None else {}),
         "sim top-1 %": _pct(final.get("sim_top1")),
         "train BitOPs": _fmt_bitops(tc.get("train_bitops")),
         "samples / evals": f"{tc.get('samples', '-')}" + (f" / {evals}" if evals else ""),
@@ -174,11 +177,12 @@ def print_summary(records, paths) -> None:
             table.add_row(k, v)
     else:
         rows = [_summary_row(r) for r in records]
+        cols = list(max(rows, key=len))  # the fullest row's columns (a ccea run adds its start), in its order
         table = Table(title="fqtbench runs")
-        for col in rows[0]:
+        for col in cols:
             table.add_column(col, overflow="fold")
         for row in rows:
-            table.add_row(*row.values())
+            table.add_row(*(row.get(c, "-") for c in cols))
     console.print(table)
     if len(records) == 1:
         console.print(f"record: {paths[0]}", soft_wrap=True, highlight=False)

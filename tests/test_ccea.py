@@ -269,6 +269,8 @@ def test_ccea_learns_on_digits_w3a3(cli, tmp_path):
     assert rec.training_cost["fitness_evals"] == extra["generations"] * 9
     assert rec.training_cost["bitops_by_role"].keys() == {"fitness"}
     assert rec.pretraining_cost["samples"] > 0  # the fp32 start is accounted separately
+    start_row = next(line for line in out.splitlines() if "start int top-1 %" in line)  # the summary shows where it began
+    assert f"{extra['start_int_top1']:.2f}" in start_row
     cfg = yaml.safe_load((next(tmp_path.glob("*/config.yaml"))).read_text())
     assert cfg["ccea"]["grouping"] == "confidence"
 
