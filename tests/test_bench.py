@@ -33,6 +33,15 @@ def test_bench_ccea_compares_naive_and_batched_paths(cli):
         assert row["speed-up"] == pytest.approx(row["batched+incremental evals/s"] / row["naive evals/s"], rel=1e-9)
         assert row["speed-up, layers uniform"] > 0
     assert any("checked bit-identical on every layer" in n for n in doc["notes"])
+    assert "target: batched+incremental >= 5x naive on resnet20 (resnet20 not measured in this run)" in doc["notes"]
+
+
+def test_bench_ccea_says_which_regime_meets_the_target():
+    from fqtbench.bench.ccea import _target_note
+
+    rows = [{"model": "resnet20", "fitness batch": "fresh", "speed-up": 4.27},
+            {"model": "resnet20", "fitness batch": "kept", "speed-up": 5.77}, {"model": "cnn-s", "fitness batch": "kept", "speed-up": 9.0}]
+    assert _target_note(rows).endswith(": fresh 4.27x (not met), kept 5.77x (met)")
 
 
 def test_bench_ccea_ranks_compares_one_and_two_processes(cli):

@@ -46,6 +46,8 @@ def emit(title: str, rows: Sequence[dict[str, Any]], as_json: bool, notes: Seque
         print(json.dumps({"title": title, "rows": list(rows), "notes": list(notes), "machine": machine()}, indent=2))
         return
     console = Console()
+    if not console.is_terminal:  # piped into a log: room for the whole table instead of 80 columns
+        console = Console(width=160)
     table = Table(title=title)
     cols = list(rows[0].keys()) if rows else []
     for c in cols:
