@@ -25,8 +25,10 @@ from .common import emit, shape_info, time_call
 
 
 def quantized_int_model(name: str, bits: int = 4, seed: int = 0, n_calib: int = 64):
-    """A PTQ IntModel of an (untrained) model, as ccea's default start quantizes it (per-tensor weight
-    scales): the timing does not depend on the weights' values."""
+    """A PTQ IntModel of an (untrained) model, quantized as ccea's default start is (its default
+    weight granularity): the timing does not depend on the weights' values."""
+    from fqtbench_methods.ccea import CCEAConfig
+
     from .. import registry
     from ..engine.export import export_model
     from ..harness.module import calibrate_activations
@@ -35,7 +37,7 @@ def quantized_int_model(name: str, bits: int = 4, seed: int = 0, n_calib: int = 
     info = shape_info(name)
     torch.manual_seed(seed)
     model = registry.models.get(name).build(info)
-    attach_standard(model, w_bits=bits, a_bits=bits, weight_granularity="tensor")
+    attach_standard(model, w_bits=bits, a_bits=bits, weight_granularity=CCEAConfig().weight_granularity)
     x = torch.randint(0, info.pixel_max + 1, (n_calib, info.in_channels, *info.image_size), dtype=torch.uint8)
     calibrate_activations(model, [(x, None)])
     return export_model(model, (info.in_channels, *info.image_size)), info

@@ -279,7 +279,12 @@ def reevaluate(run_dir: str | Path) -> tuple[RunRecord, Path]:
     # A spent budget makes Lightning skip the fit loop, on_train_end included; that hook is where a
     # run ending mid-phase finishes it (bsq's last re-quantization, ebs's decision), so call it then.
     ended, on_train_end = [], module.on_train_end
-    module.on_train_end = lambda: (ended.append(True), on_train_end())[1]
+
+    def noting_train_end():
+        ended.append(True)
+        return on_train_end()
+
+    module.on_train_end = noting_train_end
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():  # the run's own checkpoints stay untouched
         warnings.filterwarnings("ignore", message="The dirpath has changed")  # on purpose: see above
         trainer = make_trainer(cfg, Path(tmp), CostMeter(), None, module)
