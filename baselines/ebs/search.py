@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from fqtbench.nn import BasicBlock, LayerQuant, QConv2d, QLayer, quant_layers
 from fqtbench.quant import ActQuantizer, WeightQuantizer, signed_quantize, symmetric_quantize, unsigned_quantize
+from fqtbench.quant.core import act_qmax, track_running_max
 
 Candidates = Callable[[Tensor], Iterator[Tensor]]
 
@@ -115,7 +116,7 @@ class ActChoice(Choice):
 
     def qmax(self, bits: int) -> int:
         """The same code range as ActQuantizer, so the retrained quantizer continues the search's."""
-        return max(1, (1 << (bits - 1)) - 1) if self.signed else (1 << bits) - 1
+        return act_qmax(bits, self.signed)
 
     def mix(self, x: Tensor) -> Tensor:
         m = self._range(x.detach())
@@ -131,12 +132,7 @@ class ActChoice(Choice):
         if not self.training:
             return self.running_max
         m = (xd.abs() if self.signed else xd.clamp_min(0)).amax()
-        with torch.no_grad():
-            if bool(self.initialized):
-                self.running_max.mul_(1 - self.momentum).add_(self.momentum * m)
-            else:
-                self.running_max.copy_(m)
-                self.initialized.fill_(True)
+        track_running_max(self.running_max, self.initialized, m, self.momentum)
         return m
 
     def quantizer(self, bits: int) -> ActQuantizer:

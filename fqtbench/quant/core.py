@@ -188,6 +188,21 @@ class WeightQuantizer(Quantizer):
         return f"bits={self.bits}, granularity={self.granularity}"
 
 
+def act_qmax(bits: int, signed: bool) -> int:
+    """Largest activation code: signed narrow range (at least 1), or unsigned [0, 2^b - 1]."""
+    return max(1, (1 << (bits - 1)) - 1) if signed else (1 << bits) - 1
+
+
+@torch.no_grad()
+def track_running_max(running_max: Tensor, initialized: Tensor, m: Tensor, momentum: float) -> None:
+    """The training-time range EMA: the first batch's maximum, then an exponential moving average."""
+    if bool(initialized):
+        running_max.mul_(1 - momentum).add_(momentum * m)
+    else:
+        running_max.copy_(m)
+        initialized.fill_(True)
+
+
 class ActQuantizer(Quantizer):
     """Per-tensor activation codes: unsigned after ReLU, signed for the (normalised) network input.
 
@@ -209,7 +224,7 @@ class ActQuantizer(Quantizer):
 
     @property
     def qmax(self) -> int:
-        return max(1, (1 << (self.bits - 1)) - 1) if self.signed else (1 << self.bits) - 1
+        return act_qmax(self.bits, self.signed)
 
     def scale_from_max(self, m: Tensor) -> Tensor:
         return (m / self.qmax).clamp_min(1e-12)
@@ -225,12 +240,7 @@ class ActQuantizer(Quantizer):
             m = self._calib[-1]
         elif self.training:
             m = (xd.abs() if self.signed else xd.clamp_min(0)).amax()
-            with torch.no_grad():
-                if bool(self.initialized):
-                    self.running_max.mul_(1 - self.momentum).add_(self.momentum * m)
-                else:
-                    self.running_max.copy_(m)
-                    self.initialized.fill_(True)
+            track_running_max(self.running_max, self.initialized, m, self.momentum)
         else:
             m = self.running_max
         scale = self.scale_from_max(m)
