@@ -83,16 +83,21 @@ def symmetric_quantize(x: Tensor, bits: int, granularity: Granularity = "tensor"
     return QTensor(q, scale, IntRange(-qmax, qmax), bits, var)
 
 
+def act_qmax(bits: int, signed: bool) -> int:
+    """Largest activation code: signed narrow range (at least 1), or unsigned [0, 2^b - 1]."""
+    return max(1, (1 << (bits - 1)) - 1) if signed else (1 << bits) - 1
+
+
 def unsigned_quantize(x: Tensor, bits: int, scale: Tensor) -> QTensor:
     """Codes in [0, 2^b - 1] for non-negative inputs (after ReLU); negatives clip to 0."""
-    qmax = (1 << bits) - 1
+    qmax = act_qmax(bits, signed=False)
     q = torch.clamp(round_half_even(x / scale), 0, qmax)
     return QTensor(q, scale, IntRange(0, qmax), bits, ())
 
 
 def signed_quantize(x: Tensor, bits: int, scale: Tensor) -> QTensor:
     """Symmetric narrow-range codes with a given scale (inputs that can be negative)."""
-    qmax = max(1, (1 << (bits - 1)) - 1)
+    qmax = act_qmax(bits, signed=True)
     q = torch.clamp(round_half_even(x / scale), -qmax, qmax)
     return QTensor(q, scale, IntRange(-qmax, qmax), bits, ())
 
@@ -186,11 +191,6 @@ class WeightQuantizer(Quantizer):
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, granularity={self.granularity}"
-
-
-def act_qmax(bits: int, signed: bool) -> int:
-    """Largest activation code: signed narrow range (at least 1), or unsigned [0, 2^b - 1]."""
-    return max(1, (1 << (bits - 1)) - 1) if signed else (1 << bits) - 1
 
 
 @torch.no_grad()
