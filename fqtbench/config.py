@@ -95,6 +95,10 @@ class EngineConfig(StrictModel):
     """The shared integer engine: which backend evaluates the exported IntModel, and calibration."""
 
     backend: str = "int8"
+    # trained: an activation quantizer keeps the range it tracked in training (the one the network
+    # learned under and the method's own validation used); only ranges never trained are calibrated.
+    # calibrate: every range is re-measured on calib_batches training batches (README: Export).
+    act_ranges: Literal["trained", "calibrate"] = "trained"
     calib_batches: int = Field(8, ge=1)
     calib_method: Literal["max", "percentile"] = "max"
     percentile: float = Field(99.99, gt=50.0, le=100.0)

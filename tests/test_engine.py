@@ -223,3 +223,54 @@ def test_forward_population_equals_each_candidate_run_alone(chunk_rows):
         assert torch.equal(out, im.forward_population(x, backend, node, ws, prefix=alone.activations(x, backend)))
     with pytest.raises(ValueError, match="must be a requantization after"):
         im.forward_population(x, backend, im.gemm_nodes[1], ws, requant=(1, torch.ones(3, 16, dtype=torch.int64)))
+
+
+# ---- activation ranges at export -------------------------------------------------------------
+
+
+def _trained_cnn():
+    """cnn-s at w4a4 after a few training-mode forwards: every activation range tracked in an EMA."""
+    from fqtbench.quant import ActQuantizer
+
+    torch.manual_seed(0)
+    model = registry.models.get("cnn-s").build(DIGITS)
+    attach_standard(model, w_bits=4, a_bits=4)
+    g = torch.Generator().manual_seed(1)
+    model.train()
+    for _ in range(3):
+        model(torch.randint(0, 17, (32, 1, 8, 8), dtype=torch.uint8, generator=g))
+    return model, [m for m in model.modules() if isinstance(m, ActQuantizer)]
+
+
+def test_calibration_keeps_trained_ranges_and_measures_untrained_ones():
+    model, qs = _trained_cnn()
+    trained = [float(q.running_max) for q in qs]
+    untrained = qs[-1]
+    untrained.running_max.zero_()
+    untrained.initialized.fill_(False)  # as a quantizer attached after training would be
+    calib = [(torch.randint(0, 17, (64, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(2)), None)]
+    calibrate_activations(model, calib, keep_trained=True)
+    assert [float(q.running_max) for q in qs[:-1]] == trained[:-1]
+    assert bool(untrained.initialized) and float(untrained.running_max) > 0
+    calibrate_activations(model, calib)  # engine.act_ranges=calibrate: every range measured again
+    assert [float(q.running_max) for q in qs[:-1]] != trained[:-1]
+
+
+@pytest.mark.parametrize("policy", ["trained", "calibrate"])
+def test_export_module_follows_engine_act_ranges(policy):
+    from fqtbench.config import resolve
+    from fqtbench.engine.export import export_module
+    from fqtbench.harness import FQTModule
+
+    model, qs = _trained_cnn()
+    trained = [float(q.running_max) for q in qs]
+    cfg = resolve("qat", overrides={"engine": {"act_ranges": policy, "calib_batches": 1}})
+    calib = [(torch.randint(0, 17, (64, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(2)), None)]
+    data = SimpleNamespace(info=DIGITS, calib_dataloader=lambda n: calib[:n])
+    module = SimpleNamespace(model=model, calibrate=FQTModule.calibrate.__get__(SimpleNamespace(model=model)))
+    im = export_module(module, cfg, data)
+    kept = [float(q.running_max) for q in qs] == trained
+    assert kept == (policy == "trained")
+    x = calib[0][0][:16]
+    model.eval()
+    assert torch.equal(im.forward(x, registry.backends.get("int8")).argmax(1), model(x).argmax(1))

@@ -81,10 +81,10 @@ class CPTModule(FQTModule):
         return super().evaluate_sim(loader)
 
     @torch.no_grad()
-    def calibrate(self, loader, method: str = "max", percentile: float = 100.0) -> None:
+    def calibrate(self, loader, method: str = "max", percentile: float = 100.0, keep_trained: bool = False) -> None:
         """Calibrate (and so export) at the declared precision."""
         self.set_forward_bits(self.eval_bits)
-        super().calibrate(loader, method, percentile)
+        super().calibrate(loader, method, percentile, keep_trained)
 
     # -- precision range test -----------------------------------------------------------------
     def _range_test(self) -> None:

@@ -345,9 +345,11 @@ def export_model(model: QNet, in_shape: tuple[int, int, int]) -> IntModel:
 
 
 def export_module(module, cfg, data) -> IntModel:
-    """Calibrate the module's activation ranges on training batches, then export its network."""
+    """Export the module's network at the activation ranges `engine.act_ranges` names: the ranges
+    it trained with (default; a range never trained is calibrated), or all re-calibrated."""
     e = cfg.engine
-    module.calibrate(data.calib_dataloader(e.calib_batches), e.calib_method, e.percentile)
+    module.calibrate(data.calib_dataloader(e.calib_batches), e.calib_method, e.percentile,
+                     keep_trained=e.act_ranges == "trained")
     info = data.info
     return export_model(module.model, (info.in_channels, *info.image_size))
 

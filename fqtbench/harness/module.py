@@ -86,9 +86,10 @@ class FQTModule(pl.LightningModule):
         return evaluate_float(self.model, loader)
 
     @torch.no_grad()
-    def calibrate(self, loader, method: str = "max", percentile: float = 100.0) -> None:
-        """Set every activation quantizer's evaluation range from a few training batches."""
-        calibrate_activations(self.model, loader, method, percentile)
+    def calibrate(self, loader, method: str = "max", percentile: float = 100.0, keep_trained: bool = False) -> None:
+        """Set the activation quantizers' evaluation ranges from a few training batches (with
+        `keep_trained`, only those that tracked no range in training)."""
+        calibrate_activations(self.model, loader, method, percentile, keep_trained)
 
 
 class GradientFreeModule(pl.LightningModule):
@@ -168,8 +169,12 @@ def evaluate_float(model: nn.Module, loader) -> float:
 
 
 @torch.no_grad()
-def calibrate_activations(model: nn.Module, loader, method: str = "max", percentile: float = 100.0) -> None:
-    quantizers = [m for m in model.modules() if isinstance(m, ActQuantizer)]
+def calibrate_activations(model: nn.Module, loader, method: str = "max", percentile: float = 100.0,
+                          keep_trained: bool = False) -> None:
+    """Measure activation ranges on `loader` (eval mode). `keep_trained` leaves every quantizer that
+    already tracked a range in training as it is: the network learned under that grid."""
+    quantizers = [m for m in model.modules() if isinstance(m, ActQuantizer)
+                  and not (keep_trained and bool(m.initialized))]
     if not quantizers:
         return
     was = model.training

@@ -206,9 +206,10 @@ def track_running_max(running_max: Tensor, initialized: Tensor, m: Tensor, momen
 class ActQuantizer(Quantizer):
     """Per-tensor activation codes: unsigned after ReLU, signed for the (normalised) network input.
 
-    Training uses the batch maximum and tracks it in an EMA; evaluation uses the EMA or, after
-    :meth:`calibrate` over N batches, the calibrated maximum (max, or a percentile of |x|). The
-    integer engine exports exactly the evaluation scale, so simulated and integer inference agree.
+    Training uses the batch maximum and tracks it in an EMA; evaluation uses the EMA (the grid the
+    network trained under, which the harness exports by default) or, after a calibration over N
+    batches, the calibrated maximum (max, or a percentile of |x|). The integer engine exports
+    exactly the evaluation scale, so simulated and integer inference agree.
     """
 
     def __init__(self, bits: int, signed: bool = False, momentum: float = 0.1):

@@ -171,7 +171,7 @@ class CCEAModule(GradientFreeModule):
         """CC-EA's own model *is* the integer model: its simulated accuracy is the integer one."""
         return self.int_model.evaluate(loader, self.backend)
 
-    def calibrate(self, loader, method: str = "max", percentile: float = 100.0) -> None:
+    def calibrate(self, loader, method: str = "max", percentile: float = 100.0, keep_trained: bool = False) -> None:
         """Nothing to calibrate: activation scales are fixed integers from the start."""
 
     def record_extra(self) -> dict:
