@@ -149,10 +149,11 @@ class ResolvedConfig:
         d[self.run.method] = self.params.model_dump(mode="json")
         return d
 
-    def identity_hash(self) -> str:
-        """Hash of everything that decides the result (not where it is written or logged)."""
+    def identity_hash(self, exclude: tuple[str, ...] = ()) -> str:
+        """Hash of everything that decides the result (not where it is written or logged), less the
+        top-level sections in `exclude`."""
         d = self.as_dict()
-        for k in ("out", "wandb", "resume"):
+        for k in ("out", "wandb", "resume", *exclude):
             d.pop(k, None)
         d["trainer"] = {k: v for k, v in d["trainer"].items() if k not in ("progress", "log_every_n_steps")}
         blob = json.dumps(d, sort_keys=True, separators=(",", ":"))

@@ -96,3 +96,13 @@ def test_method_specific_bits_checks():
         resolve("qat", overrides=["bits.g_input=4"])
     with pytest.raises(ConfigError, match="exec"):
         resolve("fp32", overrides=["exec=int"])
+
+
+def test_pretraining_cache_key_ignores_the_engine_but_not_the_training():
+    """A new or changed engine option scores networks differently but trains the same fp32 one."""
+    from fqtbench.harness.pretrain import fp32_config, pretraining_key
+
+    base = pretraining_key(fp32_config(resolve("ccea", seed=1)))
+    assert pretraining_key(fp32_config(resolve("ccea", overrides=["engine.act_ranges=calibrate", "engine.calib_batches=2"], seed=1))) == base
+    assert pretraining_key(fp32_config(resolve("ccea", seed=2))) != base
+    assert pretraining_key(fp32_config(resolve("ccea", overrides=["data.train_subset=500"], seed=1))) != base

@@ -3,8 +3,9 @@
 Methods that start from a pretrained network (CC-EA's `init: pretrained`, BSQ) get it here. It is
 trained once by the harness -- an ordinary `fp32` run with its own record -- and cached under
 ``$FQTBENCH_CACHE/pretrained`` (default ``~/.cache/fqtbench/pretrained``), keyed by the hash of
-that fp32 run's resolved config, so every method and seed pairing reuses the same weights and the
-pretraining cost is reported once, separately from the method's own cost.
+that fp32 run's resolved config less its engine section (`pretraining_key`), so every method and
+seed pairing reuses the same weights and the pretraining cost is reported once, separately from
+the method's own cost.
 """
 
 from __future__ import annotations
@@ -42,6 +43,12 @@ def fp32_config(cfg: ResolvedConfig) -> ResolvedConfig:
     return resolve("fp32", track=cfg.track, overrides=over, seed=cfg.seed)
 
 
+def pretraining_key(fcfg: ResolvedConfig) -> str:
+    """The cache key: what decides the fp32 weights. The integer engine's settings score a network
+    and do not train it, so a new engine option does not retrain every cached network."""
+    return fcfg.identity_hash(exclude=("engine",))
+
+
 def pretrained_fp32(cfg: ResolvedConfig, data, model: nn.Module, checkpoint: str | None = None) -> dict[str, Any]:
     """Load fp32 weights into `model` (in place); return the pretraining record's summary.
 
@@ -61,7 +68,7 @@ def pretrained_fp32(cfg: ResolvedConfig, data, model: nn.Module, checkpoint: str
         _load_into(model, blob)
         return {"source": str(path), "training_cost": None}
     fcfg = fp32_config(cfg)
-    key = fcfg.identity_hash()
+    key = pretraining_key(fcfg)
     folder = cache_root() / "pretrained" / f"{cfg.track}-{cfg.model.name}-s{cfg.seed}-{key}"
     weights = folder / "model.pt"
     if not weights.is_file():
