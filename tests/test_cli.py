@@ -150,6 +150,25 @@ def test_reevaluate_scores_a_finished_run_again_and_keeps_the_previous_scores(cl
     assert [r["metrics"] for r in after["extra"]["reevaluations"]] == [before["metrics"]]
     assert {p.name: p.read_bytes() for p in (run_dir / "checkpoints").iterdir()} == ckpts
     assert f"{before['metrics']['final']['int_top1']:.2f} -> {after['metrics']['final']['int_top1']:.2f}" in err
+    assert after["config_hash"] == before["config_hash"] and after["config"] == before["config"]
+
+    # A run made before a config key existed: re-scoring fills in the default that scored it, and the
+    # record's identity follows, so a suite sees the run as done and a leaderboard counts it once.
+    import yaml
+
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    del saved["engine"]["act_ranges"]
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    del after["config"]["engine"]["act_ranges"]
+    after["config_hash"] = "0123456789abcdef"
+    (run_dir / "record.json").write_text(json.dumps(after))
+    code, _, err = cli("reevaluate", str(run_dir))
+    assert code == 0, err
+    again = json.loads((run_dir / "record.json").read_text())
+    assert again["config_hash"] == before["config_hash"] and again["config"]["engine"]["act_ranges"] == "trained"
+    assert "act_ranges: trained" in (run_dir / "config.yaml").read_text()
+    assert again["extra"]["reevaluations"][-1]["config_hash"] == "0123456789abcdef"
+    after = again
 
     after["status"] = "interrupted"
     (run_dir / "record.json").write_text(json.dumps(after))

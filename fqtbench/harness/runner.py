@@ -253,7 +253,10 @@ def reevaluate(run_dir: str | Path) -> tuple[RunRecord, Path]:
 
     Lightning restores the checkpoint (the budget is spent, so nothing trains), then the run's own
     evaluation exports and scores it. The record keeps its training cost; its metrics, layers, size
-    and BitOPs are replaced, and the previous ones are appended to `extra.reevaluations`.
+    and BitOPs are replaced, and the previous ones are appended to `extra.reevaluations`. A config
+    key added since the run (e.g. `engine.act_ranges`) takes its default, which is what scored it
+    now: the record's config, `config.yaml` and identity hash say so, so that suites recognise the
+    run as done and leaderboards count it once.
     """
     import tempfile
 
@@ -294,13 +297,16 @@ def reevaluate(run_dir: str | Path) -> tuple[RunRecord, Path]:
         module.on_train_end()
     result = evaluate_run(method, module, cfg, data)
     versions, _ = environment()
+    scored = load_resolved(run_dir / CONFIG_NAME)  # as saved: the scoring tweaks above are not the run's
     previous = {"metrics": record.metrics, "layers": record.layers, "model_size_bytes": record.model_size_bytes,
                 "inference_bitops": record.inference_bitops, "versions": record.versions,
-                "replaced_at": _now()}
+                "config_hash": record.config_hash, "replaced_at": _now()}
     record.extra["reevaluations"] = list(record.extra.get("reevaluations", [])) + [previous]
     record.metrics, record.layers = result.metrics, result.layers
     record.model_size_bytes, record.inference_bitops = result.model_size_bytes, result.inference_bitops
     record.versions = versions
+    record.config, record.config_hash = scored.as_dict(), scored.identity_hash()
+    save_resolved(scored, run_dir / CONFIG_NAME)
     return record, record.write(run_dir)
 
 
