@@ -97,7 +97,7 @@ class EngineConfig(StrictModel):
     backend: str = "int8"
     # trained: an activation quantizer keeps the range it tracked in training (the one the network
     # learned under and the method's own validation used); only ranges never trained are calibrated.
-    # calibrate: every range is re-measured on calib_batches training batches (README: Export).
+    # calibrate: every range is re-measured on calib_batches training batches (README: Integer export).
     act_ranges: Literal["trained", "calibrate"] = "trained"
     calib_batches: int = Field(8, ge=1)
     calib_method: Literal["max", "percentile"] = "max"
