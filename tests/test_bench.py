@@ -32,7 +32,11 @@ def test_bench_ccea_compares_naive_and_batched_paths(cli):
         assert row["model"] == "cnn-s" and row["candidates"] == 3 and row["layers"] >= 3
         assert row["speed-up"] == pytest.approx(row["batched+incremental evals/s"] / row["naive evals/s"], rel=1e-9)
         assert row["speed-up, layers uniform"] > 0
+    fresh = rows[0]  # the context's full pass bounds a fresh batch's saving below the candidate count
+    assert 0 < fresh["suffix-only bound"] <= fresh["candidates"]
+    assert rows[1]["suffix-only bound"] > 0
     assert any("checked bit-identical on every layer" in n for n in doc["notes"])
+    assert any(n.startswith("suffix-only bound:") for n in doc["notes"])
     assert "target: batched+incremental >= 5x naive on resnet20 (resnet20 not measured in this run)" in doc["notes"]
 
 
