@@ -141,6 +141,31 @@ def test_bilevel_moves_strengths_only_by_validation_loss_and_penalty():
         torch.testing.assert_close(a.grad, g + v)
 
 
+def test_logit_scale_takes_the_strengths_objective_and_leaves_with_the_search():
+    cfg, data, model = _setup(["ebs.search_optimizer=bilevel", "ebs.logit_scale=true"])
+    module = METHOD.build(model, cfg, data)
+    extra = [n for n, _ in module.named_parameters() if not n.startswith("model.") and not n.endswith(".alpha")]
+    assert extra == ["space.log_logit_scale"]  # one scalar more than the strengths, nothing else
+    scale = module.space.log_logit_scale
+    x, y = next(iter(data.train_dataloader()))
+    with torch.no_grad():
+        scale.fill_(0.5)
+        torch.testing.assert_close(module(x), module.model(x) * torch.exp(torch.tensor(0.5)))
+    val_grads = module._validation_strength_grads()  # bilevel: the scale learns from the validation loss ...
+    assert len(val_grads) == len(module.space.choices()) + 1 and float(val_grads[-1].abs()) > 0
+    module.zero_grad()
+    module.space.state.detach = True  # ... and not from the training loss, like the strengths
+    F.cross_entropy(module(x), y).backward()
+    module.space.state.detach = False
+    assert scale.grad is None
+    module._val_grads = val_grads
+    module.on_after_backward()
+    torch.testing.assert_close(scale.grad, val_grads[-1])
+    module.finish_search()  # the retrain and the export see the network's own logits
+    torch.testing.assert_close(module(x), module.model(x))
+    assert not scale.requires_grad and module.end_of_search["logit_scale"] == pytest.approx(float(scale.exp()))
+
+
 @pytest.fixture(scope="module")
 def searched():
     cfg, data, model = _setup(["trainer.max_epochs=12", "ebs.target_ratio=0.75"])

@@ -39,6 +39,7 @@ class EBSConfig(StrictModel):
     search_optimizer: Literal["single-level", "bilevel", "mixed-level"] = "single-level"
     mixed_level_lambda: float = Field(1.0, ge=0.0)
     gumbel: bool = False  # Gumbel-softmax mixing in training forwards (README: better on digits, collapses on CIFAR)
+    logit_scale: bool = False  # a learnable logit scale during the search, trained with the strengths (README)
     temperature: float = Field(1.0, gt=0.0)  # softmax temperature at the start of the search ...
     final_temperature: float = Field(0.1, gt=0.0)  # ... annealed geometrically to this at its end
     grad_clip: float | None = Field(5.0, gt=0.0)  # max gradient norm of the network's parameters
@@ -93,7 +94,7 @@ class EBS(Method):
         p, b = cfg.params, cfg.bits
         info = data.info
         macs = macs_per_sample(model, (info.in_channels, *info.image_size))
-        space = SearchSpace(model, macs, p.w_candidates, p.a_candidates, b.first_last, p.weight_granularity)
+        space = SearchSpace(model, macs, p.w_candidates, p.a_candidates, b.first_last, p.weight_granularity, p.logit_scale)
         reference = uniform_bitops(model, macs, b.w, b.a, b.first_last)
         target = p.target_bitops if p.target_bitops is not None else p.target_ratio * reference
         lowest, _ = space.bitops_range()

@@ -59,6 +59,10 @@ class EBSModule(FQTModule):
         space.state.temperature = p.temperature
         space.attach_search()
 
+    def forward(self, x: Tensor) -> Tensor:
+        logits = super().forward(x)
+        return self.space.scale_logits(logits) if self.phase == "search" else logits
+
     # ---- optimisation ------------------------------------------------------------------------
     def parameter_groups(self):
         """The network's groups (weight decay on conv/linear weights) plus the strengths, which
@@ -107,14 +111,14 @@ class EBSModule(FQTModule):
         self.counts["search"]["val_samples"] += len(y)
         loss = F.cross_entropy(self(x), y)
         self.log("search/val_loss", loss.detach(), on_step=True, on_epoch=False)
-        return torch.autograd.grad(loss, [c.alpha for c in self.space.choices()])
+        return torch.autograd.grad(loss, self.space.search_parameters())
 
     def on_after_backward(self):
         if self._val_grads is None:
             return
         coef = 1.0 if self.cfg.params.search_optimizer == "bilevel" else self.cfg.params.mixed_level_lambda
-        for c, g in zip(self.space.choices(), self._val_grads):
-            c.alpha.grad = coef * g if c.alpha.grad is None else c.alpha.grad.add_(g, alpha=coef)
+        for a, g in zip(self.space.search_parameters(), self._val_grads):
+            a.grad = coef * g if a.grad is None else a.grad.add_(g, alpha=coef)
         self._val_grads = None
 
     # ---- phases ------------------------------------------------------------------------------
@@ -130,6 +134,8 @@ class EBSModule(FQTModule):
         """Decide the bits, switch every layer to plain quantizers and start counting retrain cost."""
         with torch.no_grad():
             self.end_of_search = {"expected_bitops": float(self.space.expected_bitops()), "strengths": self.space.describe()}
+            if self.space.log_logit_scale is not None:
+                self.end_of_search["logit_scale"] = float(self.space.log_logit_scale.exp())
         self.decision = self.space.decide(self.target)
         self.meter_at_switch = self._meter_totals()
         self.space.attach_final(self.decision.bits)
@@ -194,6 +200,7 @@ class EBSModule(FQTModule):
         return {
             "search_optimizer": p.search_optimizer,
             "gumbel": p.gumbel,
+            "logit_scale": self.end_of_search.get("logit_scale"),
             "temperature": [p.temperature, p.final_temperature],
             "candidates": {"w": sorted(p.w_candidates), "a": sorted(p.a_candidates)},
             "target_bitops": self.target,

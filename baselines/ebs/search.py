@@ -170,10 +170,12 @@ class SearchSpace(nn.Module):
     conv and its 1x1 shortcut conv) share one activation choice, as they share one quantizer."""
 
     def __init__(self, model: nn.Module, macs: dict[str, int], w_bits: list[int], a_bits: list[int],
-                 fixed_bits: int | None, granularity: str):
+                 fixed_bits: int | None, granularity: str, logit_scale: bool = False):
         super().__init__()
         self.state = SearchState()
         self.granularity = granularity
+        # log of a learnable logit scale for the search (`ebs.logit_scale`), trained with the strengths
+        self.log_logit_scale = nn.Parameter(torch.zeros(())) if logit_scale else None
         self.weights = nn.ModuleList()
         self.acts = nn.ModuleList()
         self.entries: list[Entry] = []
@@ -196,6 +198,20 @@ class SearchSpace(nn.Module):
 
     def choices(self) -> list[Choice]:
         return [*self.weights, *self.acts]
+
+    def search_parameters(self) -> list[nn.Parameter]:
+        """What the strengths' objective trains: every choice's strengths, and the logit scale if any."""
+        extra = [self.log_logit_scale] if self.log_logit_scale is not None else []
+        return [c.alpha for c in self.choices()] + extra
+
+    def scale_logits(self, logits: Tensor) -> Tensor:
+        """Logits times the learnable scale (seen detached where the strengths are): the scale takes the
+        loss's pull on the logits' size, which a choice ahead of a layer without batch norm (the head)
+        can otherwise only answer by a bit-width that shrinks or grows them."""
+        if self.log_logit_scale is None:
+            return logits
+        s = self.log_logit_scale.detach() if self.state.detach else self.log_logit_scale
+        return logits * s.exp()
 
     # ---- cost ----------------------------------------------------------------------------------
     def expected_bitops(self) -> Tensor:
