@@ -37,16 +37,19 @@ def _fit(module, data, epochs):
     return trainer
 
 
-def test_search_adds_only_the_strengths_no_weight_copies():
-    cfg, data, model = _setup()
+@pytest.mark.parametrize("logit_scale", [False, True])  # the method's default, and the digits track's
+def test_search_adds_only_the_strengths_no_weight_copies(logit_scale):
+    cfg, data, model = _setup([f"ebs.logit_scale={str(logit_scale).lower()}"])
     base = count_parameters(model)
     module = METHOD.build(model, cfg, data)
     n_layers = len(list(quant_layers(model)))
     n_cand = len(cfg.params.w_candidates) + len(cfg.params.a_candidates)
-    assert count_parameters(module) == base + n_layers * n_cand
-    # the only parameters besides the network's are the strengths, one scalar per candidate
+    assert count_parameters(module) == base + n_layers * n_cand + int(logit_scale)
+    # the only parameters besides the network's are the strengths, one scalar per candidate (and
+    # with ebs.logit_scale the one scalar trained with them)
     extra = [n for n, _ in module.named_parameters() if not n.startswith("model.")]
-    assert all(n.endswith(".alpha") for n in extra) and len(extra) == 2 * n_layers
+    strengths = [n for n in extra if n.endswith(".alpha")]
+    assert len(strengths) == 2 * n_layers and set(extra) - set(strengths) == ({"space.log_logit_scale"} if logit_scale else set())
     # autograd keeps one copy of the meta weight for the mixture, not one per candidate
     layer = module.model.body[1].conv
     saved: list[int] = []
