@@ -191,20 +191,6 @@ def test_kept_activations_give_the_search_it_would_have_recomputing(over):
         assert torch.equal(a.counts, b.counts)
 
 
-def test_fitness_hold_keeps_each_batch_for_that_many_generations():
-    module, data = _digits_module("ccea.fitness_hold=3")
-    x, y = next(iter(data.train_dataloader()))
-    batches = [(x[i:i + 8], y[i:i + 8]) for i in range(0, 56, 8)]  # a new loader batch every step
-    used = []
-    for b in batches:
-        used.append(module.fitness_batch(b)[0])
-        module.state.generation += 1
-    firsts = [0, 0, 0, 3, 3, 3, 6]  # the batch drawn at generations 0, 3 and 6
-    assert all(torch.equal(u, batches[f][0]) for u, f in zip(used, firsts))
-    module1, _ = _digits_module()  # the default draws every generation
-    assert all(torch.equal(module1.fitness_batch(b)[0], b[0]) for b in batches)
-
-
 def test_random_init_uses_no_float_value():
     """Two different float initialisations give the same random-init integer model for one seed."""
     ims = []
@@ -239,15 +225,11 @@ class _StopCCEA(CCEA):
         return module
 
 
-@pytest.mark.parametrize("batching", [
-    ["data.batch_size=2048"],  # digits' default: the whole training split every generation
-    ["data.batch_size=256", "ccea-stop-test.fitness_hold=4"],  # new batches, each held for 4 generations: stopped mid-hold
-])
-def test_resume_continues_bit_identically(tmp_path, batching):
+def test_resume_continues_bit_identically(tmp_path):
     m = _StopCCEA()
     registry.methods.register(m)
     handler = signal.getsignal(signal.SIGINT)
-    common = ["bits.w=3", "bits.a=3", "trainer.max_steps=16", "trainer.checkpoint_every_n_steps=5", *batching]
+    common = ["bits.w=3", "bits.a=3", "trainer.max_steps=16", "trainer.checkpoint_every_n_steps=5", "data.batch_size=2048"]
     try:
         m.armed = False
         full, path_full = execute(resolve("ccea-stop-test", overrides=common, out=str(tmp_path / "full")))

@@ -34,7 +34,6 @@ class CCEAConfig(StrictModel):
     saturation: int = Field(48, ge=2)  # confidence at which a weight leaves the search
     regroup_every: int = Field(200, ge=1)  # generations between halvings of all counts
     fitness: Literal["accuracy_margin", "margin", "distill"] = "margin"
-    fitness_hold: int = Field(1, ge=1)  # generations that evaluate on one fitness batch before the next is drawn
     margin_clip_shift: int = Field(0, ge=-8, le=8)  # margin clip = (smallest power of two > the start's median top-2 logit gap) * 2^shift
     search_biases: bool = False  # also search each conv's per-channel integer bias (folded batch norm)
     bias_radius: int = Field(4, ge=1)  # bias window: +-bias_radius quarter output codes around the start

@@ -43,24 +43,11 @@ class CCEAModule(GradientFreeModule):
         self.last_fitness_evals = 0
         self.improvements = 0
         self._kept: _KeptBatch | None = None
-        self._held: tuple[torch.Tensor, torch.Tensor] | None = None  # the fitness batch of `fitness_hold`
 
     # ---- one generation ----------------------------------------------------------------------
     def generation(self, batch, batch_idx: int) -> dict[str, float]:
-        stats = self.evolve(*self.fitness_batch(batch))
+        stats = self.evolve(*batch)
         return {k: float(v) for k, v in stats.items()}
-
-    def fitness_batch(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch this generation evaluates on: a new one every `fitness_hold` generations, the
-        held one in between (the loader's batches in between are not used). A held batch lets the
-        generations after the first reuse the context's activations on it (`kept_batch`)."""
-        hold = self.cfg.params.fitness_hold
-        if hold == 1:
-            return batch[0], batch[1]
-        if self._held is None or self.state.generation % hold == 0:
-            self._held = (batch[0], batch[1])
-        x, y = self._held  # a held batch restored from a checkpoint sits on the CPU
-        return x.to(batch[0].device), y.to(batch[1].device)
 
     @torch.no_grad()
     def evolve(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, int]:
@@ -204,7 +191,6 @@ class CCEAModule(GradientFreeModule):
             "search": self.state.state_dict(),
             "improvements": self.improvements,
             "best": (self.best_val_top1, self.best_val_epoch),
-            "held_batch": None if self._held is None else tuple(t.cpu() for t in self._held),
         }
 
     def on_load_checkpoint(self, checkpoint):
@@ -219,7 +205,6 @@ class CCEAModule(GradientFreeModule):
         self.state.load_state_dict(blob["search"])
         self.improvements = int(blob["improvements"])
         self.best_val_top1, self.best_val_epoch = blob["best"]
-        self._held = blob.get("held_batch")  # a resumed run goes on with the batch it held
 
 
 @dataclass
