@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from fqtbench.nn import BasicBlock, LayerQuant, QConv2d, QLayer, quant_layers
 from fqtbench.quant import ActQuantizer, WeightQuantizer, signed_quantize, symmetric_quantize, unsigned_quantize
-from fqtbench.quant.core import act_qmax, track_running_max
+from fqtbench.quant.core import act_magnitude, act_qmax, track_running_max
 
 Candidates = Callable[[Tensor], Iterator[Tensor]]
 
@@ -131,7 +131,7 @@ class ActChoice(Choice):
     def _range(self, xd: Tensor) -> Tensor:
         if not self.training:
             return self.running_max
-        m = (xd.abs() if self.signed else xd.clamp_min(0)).amax()
+        m = act_magnitude(xd, self.signed).amax()
         track_running_max(self.running_max, self.initialized, m, self.momentum)
         return m
 

@@ -88,6 +88,11 @@ def act_qmax(bits: int, signed: bool) -> int:
     return max(1, (1 << (bits - 1)) - 1) if signed else (1 << bits) - 1
 
 
+def act_magnitude(x: Tensor, signed: bool) -> Tensor:
+    """What an activation range must cover: |x| for signed codes, x clipped at 0 for unsigned ones."""
+    return x.abs() if signed else x.clamp_min(0)
+
+
 def unsigned_quantize(x: Tensor, bits: int, scale: Tensor) -> QTensor:
     """Codes in [0, 2^b - 1] for non-negative inputs (after ReLU); negatives clip to 0."""
     qmax = act_qmax(bits, signed=False)
@@ -237,10 +242,10 @@ class ActQuantizer(Quantizer):
     def forward(self, x: Tensor) -> QTensor:
         xd = x.detach()
         if self._calib is not None:
-            self._calib.append(_robust_max(xd.abs() if self.signed else xd.clamp_min(0), self._calib_method, self._calib_pct))
+            self._calib.append(_robust_max(act_magnitude(xd, self.signed), self._calib_method, self._calib_pct))
             m = self._calib[-1]
         elif self.training:
-            m = (xd.abs() if self.signed else xd.clamp_min(0)).amax()
+            m = act_magnitude(xd, self.signed).amax()
             track_running_max(self.running_max, self.initialized, m, self.momentum)
         else:
             m = self.running_max
